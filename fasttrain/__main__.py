@@ -1,0 +1,99 @@
+"""python -m fasttrain {tokenizer,base,mid,sft,eval,chat,speedrun} --run DIR ...
+
+Any command runs single-process as it is, or data-parallel under
+`torchrun --nproc_per_node N -m fasttrain <command> ...`. `--help` on each command lists its flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from fasttrain.cli import CliError, add_dataclass_args, dataclass_from_args
+from fasttrain.model import ModelConfig
+from fasttrain.train import TrainConfig
+
+
+@dataclass
+class TokenizerConfig:
+    run: str = field(default="runs/default", metadata={"help": "run directory; the tokenizer goes to <run>/tokenizer"})
+    data: list[str] = field(default_factory=list, metadata={"help": "text files or folders (default: the embedded corpus)"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size, including the 256 bytes and the special tokens"})
+    max_mb: float = field(default=0.0, metadata={"help": "train on at most this many MB of text; 0 = all"})
+
+    def __post_init__(self):
+        if self.vocab_size < 300:
+            raise ValueError(f"--vocab-size must be at least 300 (256 bytes + specials + merges), got {self.vocab_size}")
+
+
+def _commands():
+    # imported here, not at the top: `--help` and argument errors stay instant
+    from fasttrain import evaluate, speedrun
+    from fasttrain.stages import base, mid, sft
+    return {
+        "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer", None)]),
+        "base": ("base pretraining on raw text", [(TrainConfig, "training", None), (ModelConfig, "model", None),
+                                                  (base.BaseConfig, "base stage", None)]),
+        "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training", None), (mid.MidConfig, "mid stage", None)]),
+        "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training", None), (sft.SFTConfig, "sft stage", None)]),
+        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(evaluate.EvalConfig, "eval", None)]),
+        "chat": ("talk to the chat model", [(evaluate.ChatConfig, "chat", None)]),
+        "speedrun": ("tokenizer -> base -> mid -> sft -> eval on the embedded default, then a report",
+                     [(speedrun.SpeedrunConfig, "speedrun", None)]),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fasttrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, groups) in _commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for cls, title, defaults in groups:
+            add_dataclass_args(p, cls, title, defaults)
+    return parser
+
+
+def run(argv=None):
+    from fasttrain import evaluate, speedrun
+    from fasttrain.parallel import init_distributed, shutdown_distributed
+    from fasttrain.stages import base, mid, sft
+    from fasttrain.train import train
+
+    args = build_parser().parse_args(argv)
+    _, groups = _commands()[args.command]
+    configs = [dataclass_from_args(cls, args) for cls, _, _ in groups]
+    if args.command == "tokenizer":
+        from fasttrain.stages.common import train_tokenizer
+        train_tokenizer(configs[0])
+        return
+    if args.command == "speedrun":
+        speedrun.speedrun(configs[0])
+        return
+    info = init_distributed(getattr(configs[0], "device", "auto"))
+    try:
+        if args.command == "base":
+            train(configs[0], base.plan(*configs, info), info)
+        elif args.command == "mid":
+            train(configs[0], mid.plan(*configs, info), info)
+        elif args.command == "sft":
+            train(configs[0], sft.plan(*configs, info), info)
+        elif args.command == "eval":
+            evaluate.run_eval(configs[0], info)
+        elif args.command == "chat":
+            evaluate.run_chat(configs[0], info)
+    finally:
+        shutdown_distributed()
+
+
+def main(argv=None):
+    from fasttrain.data.sources import DataError
+    try:
+        run(argv)
+    except (CliError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

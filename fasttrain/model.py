@@ -1,0 +1,206 @@
+"""The GPT: a small modern decoder, readable in one sitting.
+
+    input_ids (B, T) -> embedding -> RMSNorm -> depth x Block -> RMSNorm -> LM head fused with the loss
+
+    Block:  x = x + Attention(RMSNorm(x))      RoPE on q and k, then QK-norm; GQA; causal
+            x = x + MLP(RMSNorm(x))            ReLU^2, 4x wide
+
+No biases, no learnable norm weights, untied embedding and LM head, a tanh logit softcap.
+Attention, RoPE and the loss go through `fasttrain.kernels`, so the same code runs the Triton
+kernels on a GPU and their PyTorch references on a CPU.
+
+The model knows nothing about FSDP or devices: build it on the meta device, apply parallelism
+from outside (fasttrain/parallel.py), then `to_empty(device=...)` and `init_weights()`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttrain import kernels
+
+IGNORE_INDEX = -1  # targets with this value are not scored (padding, user turns in SFT)
+
+
+@dataclass
+class ModelConfig:
+    depth: int = field(default=4, metadata={"help": "number of blocks; the one size dial: width and heads follow from it"})
+    aspect_ratio: int = field(default=64, metadata={"help": "model width = depth * aspect_ratio (unless --n-embd is set)"})
+    n_embd: int = field(default=0, metadata={"help": "model width; 0 derives it from --depth"})
+    head_dim: int = field(default=64, metadata={"help": "width of one attention head"})
+    n_head: int = field(default=0, metadata={"help": "query heads; 0 derives n_embd // head_dim"})
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads (GQA when fewer than n_head); 0 means n_head"})
+    vocab_size: int = field(default=0, metadata={"help": "set from the tokenizer"})
+    mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width = mlp_ratio * n_embd"})
+    logit_softcap: float = field(default=15.0, metadata={"help": "logits = c * tanh(logits / c); 0 disables"})
+    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    rope_scaling: str = field(default="none", metadata={"help": "RoPE scaling for context extension: none, linear, ntk, yarn, llama3"})
+    rope_factor: float = field(default=1.0, metadata={"help": "context extension factor for --rope-scaling"})
+    rope_original_len: int = field(default=0, metadata={"help": "sequence length the model was trained at before extension (yarn, llama3)"})
+    max_seq_len: int = field(default=512, metadata={"help": "longest sequence the RoPE tables cover (the stages set it from --seq-len)"})
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ValueError(f"--depth must be >= 1, got {self.depth}")
+        if self.n_embd == 0:
+            self.n_embd = self.depth * self.aspect_ratio
+        if self.n_head == 0:
+            self.n_head = max(1, self.n_embd // self.head_dim)
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"--n-head ({self.n_head}) must be a multiple of --n-kv-head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"--head-dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling not in ("none", "linear", "ntk", "yarn", "llama3"):
+            raise ValueError(f"--rope-scaling must be one of none, linear, ntk, yarn, llama3; got {self.rope_scaling!r}")
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without a learnable weight, over the last dim."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if cu_seqlens is None:
+            # one sequence per row: positions 0..T-1
+            q, k = kernels.apply_rotary_emb(q, cos, sin), kernels.apply_rotary_emb(k, cos, sin)
+            q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
+            y = kernels.flash_attn_func(q, k, v, causal=True)
+        else:
+            # packed documents: flatten rows to (B*T, H, D); positions restart at every document
+            # and no token attends across a boundary in cu_seqlens
+            q, k, v = q.view(B * T, -1, self.head_dim), k.view(B * T, -1, self.head_dim), v.view(B * T, -1, self.head_dim)
+            q = kernels.apply_rotary_emb(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            k = kernels.apply_rotary_emb(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            q, k = norm(q), norm(k)
+            y = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0):
+        x = x + self.attn(norm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size is not set: it comes from the tokenizer")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # RoPE tables (T_max, head_dim / 2): derived from the config, so never saved
+        self.register_buffer("cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter (after `to_empty`), as nanochat does:
+
+        | parameter                      | init                              |
+        |--------------------------------|-----------------------------------|
+        | wte.weight (V, C)              | normal, std 1                     |
+        | c_q, c_k, c_v, c_fc weights    | uniform, std 1/sqrt(fan_in)       |
+        | attn.c_proj, mlp.c_proj        | zeros (each block starts as identity) |
+        | lm_head.weight (V, C)          | normal, std 0.001                 |
+        """
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                bound = math.sqrt(3.0 / lin.in_features)  # uniform(-b, b) has std b / sqrt(3)
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self):
+        """(Re)compute the RoPE tables from the config; call after changing the RoPE fields."""
+        cfg = self.config
+        scaling = None
+        if cfg.rope_scaling != "none":
+            scaling = kernels.RopeScaling(kind=cfg.rope_scaling, factor=cfg.rope_factor,
+                                          original_max_position=cfg.rope_original_len or cfg.max_seq_len)
+        tables = kernels.rope_cos_sin(cfg.max_seq_len, cfg.head_dim, base=cfg.rope_base,
+                                      scaling=scaling, device=self.cos.device)
+        # the tables already carry YaRN's attention temperature (it scales q and k alike)
+        self.cos.copy_(tables.cos)
+        self.sin.copy_(tables.sin)
+
+    def forward(self, input_ids, targets=None, cu_seqlens=None, max_seqlen=0):
+        """input_ids, targets: (B, T) int64; cu_seqlens: int32 (n_segments + 1,) over the flattened
+        B*T tokens for packed documents, or None for one sequence per row.
+
+        With targets: returns the loss SUMMED over non-ignored targets (the trainer divides by the
+        global count of scored tokens). Without: returns logits (B, T, V) in fp32, softcapped.
+        """
+        B, T = input_ids.shape
+        if T > self.cos.size(0):
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cos.size(0)}")
+        x = norm(self.wte(input_ids))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, self.cos, self.sin, cu_seqlens, max_seqlen)
+        x = norm(x)
+        softcap = self.config.logit_softcap or None
+        if targets is None:
+            logits = self.lm_head(x).float()
+            return softcap * torch.tanh(logits / softcap) if softcap else logits
+        # the LM head is fused with the loss: the (B*T, V) logits never exist at once
+        return kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) except the embedding
+        lookup, plus attention scores and values (12 * layers * heads * head_dim * T, halved
+        for causal masking is ignored, as in nanochat and PaLM)."""
+        cfg = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        return 6 * matmul_params + 12 * cfg.depth * cfg.n_head * cfg.head_dim * seq_len
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from the config alone (matches GPT(cfg).num_params())."""
+    C, D = cfg.n_embd, cfg.head_dim
+    attn = C * cfg.n_head * D * 2 + C * cfg.n_kv_head * D * 2  # c_q, c_proj, c_k, c_v
+    mlp = 2 * C * cfg.mlp_ratio * C
+    return 2 * cfg.vocab_size * C + cfg.depth * (attn + mlp)

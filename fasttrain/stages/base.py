@@ -1,0 +1,42 @@
+"""Base pretraining: random init, raw text packed into rows, every token scored,
+warmup -> stable -> linear warmdown, a token budget of tokens_per_param x parameters."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from fasttrain.data.loader import PackedLoader
+from fasttrain.model import ModelConfig, count_params
+from fasttrain.parallel import DistInfo
+from fasttrain.stages.common import corpus_documents, load_tokenizer
+from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
+
+
+@dataclass
+class BaseConfig:
+    tokens_per_param: float = field(default=20.0, metadata={"help": "token budget = this x parameter count (unless --max-steps)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps"})
+    warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay"})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak"})
+
+    def __post_init__(self):
+        if self.tokens_per_param <= 0:
+            raise ValueError(f"--tokens-per-param must be > 0, got {self.tokens_per_param}")
+        if not 0 <= self.warmdown_frac <= 1:
+            raise ValueError(f"--warmdown-frac must be in [0, 1], got {self.warmdown_frac}")
+
+
+def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistInfo) -> StagePlan:
+    tokenizer = load_tokenizer(cfg.run)
+    docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="train")
+    model_cfg.vocab_size = tokenizer.vocab_size
+    model_cfg.max_seq_len = cfg.seq_len  # the RoPE tables cover the training length
+    budget_steps = math.ceil(base.tokens_per_param * count_params(model_cfg) / cfg.batch_tokens)
+    loader = PackedLoader(docs, cfg.seq_len, cfg.rows_per_step(), cfg.micro_batch, info.rank, info.world_size,
+                          seed=cfg.seed, pad_id=tokenizer.bos_id)
+    schedule = partial(lr_multiplier, warmup=base.warmup_steps, warmdown_frac=base.warmdown_frac,
+                       final_frac=base.final_lr_frac)
+    return StagePlan("base", model_cfg, loader, cfg.max_steps or budget_steps, schedule,
+                     extra_meta={"base": vars(base)})
