@@ -81,15 +81,14 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if cu_seqlens is None:
             # one sequence per row: positions 0..T-1
-            q, k = kernels.apply_rotary_emb(q, cos, sin), kernels.apply_rotary_emb(k, cos, sin)
+            q, k = kernels.apply_rotary_emb_qk(q, k, cos, sin)
             q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
             y = kernels.flash_attn_func(q, k, v, causal=True)
         else:
             # packed documents: flatten rows to (B*T, H, D); positions restart at every document
             # and no token attends across a boundary in cu_seqlens
             q, k, v = q.view(B * T, -1, self.head_dim), k.view(B * T, -1, self.head_dim), v.view(B * T, -1, self.head_dim)
-            q = kernels.apply_rotary_emb(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            k = kernels.apply_rotary_emb(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            q, k = kernels.apply_rotary_emb_qk(q, k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             q, k = norm(q), norm(k)
             y = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return self.c_proj(y.reshape(B, T, -1))
