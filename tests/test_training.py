@@ -54,8 +54,7 @@ def tokenizer_run(corpus, tmp_path_factory):
 
 def fresh_run(tokenizer_run: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "tokenizer").mkdir()
+    (run / "tokenizer").mkdir(parents=True)
     for f in (tokenizer_run / "tokenizer").iterdir():
         (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
     return run
@@ -66,7 +65,7 @@ def test_two_ranks_match_one_process(tokenizer_run, corpus, tmp_path, cpu_env):
     args = ["base", *TINY, "--data", corpus, "--max-steps", 4]
     fasttrain(args + ["--run", one], cpu_env)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "0",
-                           "-m", "fasttrain", *map(str, args + ["--run", two])],
+                           "-m", "fasttrain", *map(str, args + ["--run-dir", two])],
                           cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(one, "base"), losses(two, "base")
@@ -135,4 +134,4 @@ def test_bad_data_file_names_file_and_line(tokenizer_run, corpus, tmp_path, cpu_
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n')
     proc = fasttrain(["mid", *TINY[6:], "--run", run, "--data", bad], cpu_env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "chats.jsonl" in proc.stderr and "line 2" in proc.stderr
+    assert "chats.jsonl:2" in proc.stderr

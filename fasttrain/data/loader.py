@@ -1,7 +1,8 @@
 """The loader every stage uses: documents -> packed rows -> this rank's micro-batches.
 
 The global row stream is deterministic: epoch e visits the documents in a seeded permutation,
-in buffers of `buffer_docs` documents, each buffer packed best-fit into rows of `seq_len` inputs.
+in buffers of `buffer_docs` documents, each buffer packed best-fit into rows of `seq_len` inputs
+and its rows shuffled.
 One optimizer step takes the next `rows_per_step` rows of that stream; rank r of W gets the
 r-th W-th of them, cut into micro-batches. Every rank packs the same buffers (packing is cheap)
 and keeps only its rows, so no rank reads another's rows and no row is used twice in an epoch.
@@ -17,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.packing import PackedBatch, pack_documents
+from fasttrain.data.packing import pack_documents
 from fasttrain.model import IGNORE_INDEX
 
 
@@ -63,14 +64,15 @@ class PackedLoader:
         self.buffer_docs, self.pad_id = buffer_docs, pad_id
         self.mode = "pad" if one_doc_per_row else "best_fit"
         self.epoch, self.buffer, self.row = 0, 0, 0
-        self._packed: tuple[tuple[int, int], PackedBatch] | None = None  # cache: (epoch, buffer) -> rows
+        # the packed buffer in use: (epoch, buffer) -> (input_ids, targets, position_ids, doc_ids), each (R, T)
+        self._packed: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
         self.last_stats: dict = {}
 
     # --- the global row stream -------------------------------------------------------------
     def _buffers_per_epoch(self) -> int:
         return -(-len(self.docs) // self.buffer_docs)
 
-    def _pack_buffer(self, epoch: int, buffer: int) -> PackedBatch:
+    def _pack_buffer(self, epoch: int, buffer: int) -> tuple[torch.Tensor, ...]:
         if self._packed is None or self._packed[0] != (epoch, buffer):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
             chosen = order[buffer * self.buffer_docs:(buffer + 1) * self.buffer_docs]
@@ -78,25 +80,29 @@ class PackedLoader:
             masks = [np.asarray(self.masks[i]) for i in chosen] if self.masks is not None else None
             packed = pack_documents(docs, self.seq_len, masks=masks, pad_id=self.pad_id,
                                     ignore_index=IGNORE_INDEX, mode=self.mode)
-            self._packed = ((epoch, buffer), packed)
+            # best-fit fills rows longest-document-first: shuffle the rows so that no step
+            # sees only long documents (cu_seqlens is recomputed per micro-batch)
+            rows = torch.from_numpy(np.random.default_rng([self.seed, epoch, buffer]).permutation(packed.input_ids.size(0)))
+            columns = (packed.input_ids[rows], packed.targets[rows], packed.position_ids[rows], packed.doc_ids[rows])
+            self._packed = ((epoch, buffer), columns)
             self.last_stats = packed.stats
         return self._packed[1]
 
     def rows_per_epoch(self) -> int:
         """Rows in one epoch (packs every buffer of epoch 0 once; used to size mid/SFT runs)."""
-        return sum(self._pack_buffer(0, b).input_ids.size(0) for b in range(self._buffers_per_epoch()))
+        return sum(self._pack_buffer(0, b)[0].size(0) for b in range(self._buffers_per_epoch()))
 
     def _take_rows(self, n: int):
         """The next n rows of the global stream, advancing the cursor."""
         parts = []
         while n > 0:
-            packed = self._pack_buffer(self.epoch, self.buffer)
-            take = min(n, packed.input_ids.size(0) - self.row)
-            sl = slice(self.row, self.row + take)
-            parts.append((packed.input_ids[sl], packed.targets[sl], packed.position_ids[sl], packed.doc_ids[sl]))
+            columns = self._pack_buffer(self.epoch, self.buffer)
+            n_rows = columns[0].size(0)
+            take = min(n, n_rows - self.row)
+            parts.append([c[self.row:self.row + take] for c in columns])
             n -= take
             self.row += take
-            if self.row == packed.input_ids.size(0):
+            if self.row == n_rows:
                 self.row, self.buffer = 0, self.buffer + 1
                 if self.buffer == self._buffers_per_epoch():
                     self.buffer, self.epoch = 0, self.epoch + 1

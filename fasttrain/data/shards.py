@@ -1,0 +1,177 @@
+"""Token shards: tokenized documents on disk, read back memory-mapped.
+
+File layout (little-endian):
+
+    offset 0   header, 64 bytes: magic b"FTSHARD\\0", version u32, token itemsize u32 (2 = uint16,
+               4 = uint32), num_tokens u64, num_docs u64, zero padding
+    offset 64  document offsets: (num_docs + 1) x u64; document i is tokens[off[i]:off[i+1]]
+    then       tokens: num_tokens x uint16 (vocab_size <= 65536) or uint32
+
+Shards are written to a temporary file and renamed, so a shard on disk is always complete.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+MAGIC = b"FTSHARD\0"
+VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, num_tokens, num_docs
+
+
+class ShardError(ValueError):
+    """A shard file that is not a complete fasttrain shard; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size}; it must be positive")
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def write_shard(path: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_size: int) -> Path:
+    """Write documents (sequences of token ids) as one shard, atomically; returns the path."""
+    path = Path(path)
+    dtype = token_dtype(vocab_size)
+    arrays = []
+    for i, doc in enumerate(docs):
+        a = np.asarray(doc, dtype=np.int64).reshape(-1)
+        if a.size and (a.min() < 0 or a.max() >= vocab_size):
+            bad = a[(a < 0) | (a >= vocab_size)][0]
+            raise ValueError(f"{path}: document {i} has token id {bad}, outside 0..{vocab_size - 1}"
+                             " (vocab_size); tokenize with the matching tokenizer")
+        arrays.append(a.astype(dtype))
+    offsets = np.zeros(len(arrays) + 1, dtype="<u8")
+    np.cumsum([a.size for a in arrays], out=offsets[1:])
+    header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, int(offsets[-1]), len(arrays))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.ljust(HEADER_BYTES, b"\0"))
+        f.write(offsets.tobytes())
+        for a in arrays:
+            f.write(a.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+class TokenShard:
+    """A shard opened read-only with np.memmap: `len(shard)` documents, `shard[i]` -> ids array."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(HEADER_BYTES)
+        except OSError as e:
+            raise ShardError(f"{self.path}: cannot read shard ({e.strerror})") from None
+        if len(head) < HEADER_BYTES or head[:8] != MAGIC:
+            raise ShardError(f"{self.path}: not a fasttrain token shard (bad magic); write shards "
+                             "with fasttrain.data.shards.write_shard")
+        _, version, itemsize, num_tokens, num_docs = _HEADER.unpack_from(head)
+        if version != VERSION:
+            raise ShardError(f"{self.path}: shard version {version}, this code reads {VERSION}; "
+                             "re-tokenize the data")
+        if itemsize not in (2, 4):
+            raise ShardError(f"{self.path}: token size {itemsize} bytes in header; corrupt shard")
+        expected = HEADER_BYTES + 8 * (num_docs + 1) + itemsize * num_tokens
+        if size != expected:
+            raise ShardError(f"{self.path}: {size} bytes, header says {expected} "
+                             f"({num_docs} documents, {num_tokens} tokens); truncated or corrupt, "
+                             "re-tokenize this shard")
+        self.num_tokens = int(num_tokens)
+        self.num_docs = int(num_docs)
+        self.dtype = np.dtype(np.uint16 if itemsize == 2 else np.uint32)
+        self.offsets = np.memmap(self.path, dtype="<u8", mode="r", offset=HEADER_BYTES,
+                                 shape=(num_docs + 1,))
+        if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (
+                num_docs and np.any(np.diff(self.offsets.astype(np.int64)) < 0)):
+            raise ShardError(f"{self.path}: document offsets are not increasing from 0 to "
+                             f"{num_tokens}; corrupt shard, re-tokenize it")
+        self.tokens = (np.memmap(self.path, dtype=self.dtype.newbyteorder("<"), mode="r",
+                                 offset=HEADER_BYTES + 8 * (num_docs + 1), shape=(num_tokens,))
+                       if num_tokens else np.zeros(0, dtype=self.dtype))
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.num_docs <= i < self.num_docs:
+            raise IndexError(f"document {i} of a shard with {self.num_docs} ({self.path})")
+        i %= self.num_docs
+        return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets.astype(np.int64))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(self.num_docs):
+            yield self[i]
+
+
+def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike,
+                       shard_tokens: int = 1 << 27, batch_docs: int = 1024,
+                       prefix: str = "shard") -> list[Path]:
+    """Tokenize documents (bos_id first in each) into shards out_dir/{prefix}_00000.bin, ...
+
+    A shard is closed once it holds at least shard_tokens tokens; documents are never split
+    across shards. Encoding is batched through tokenizer.encode_batch (multi-threaded).
+    """
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens}; it must be positive")
+    out_dir = Path(out_dir)
+    paths, docs, n_tokens = [], [], 0
+    bos = tokenizer.bos_id
+
+    def flush():
+        nonlocal docs, n_tokens
+        paths.append(write_shard(out_dir / f"{prefix}_{len(paths):05d}.bin", docs,
+                                 tokenizer.vocab_size))
+        docs, n_tokens = [], 0
+
+    def encode(batch):
+        nonlocal n_tokens
+        for ids in tokenizer.encode_batch(batch):
+            docs.append([bos] + ids)
+            n_tokens += len(ids) + 1
+            if n_tokens >= shard_tokens:
+                flush()
+
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == batch_docs:
+            encode(batch)
+            batch = []
+    if batch:
+        encode(batch)
+    if docs or not paths:
+        if not docs:
+            raise ValueError("no documents to tokenize; check the text paths")
+        flush()
+    return paths
+
+
+def list_shards(directory: str | os.PathLike, prefix: str = "shard") -> list[Path]:
+    """The shards written by tokenize_to_shards, in order."""
+    paths = sorted(Path(directory).glob(f"{prefix}_*.bin"))
+    if not paths:
+        raise ShardError(f"{directory}: no {prefix}_*.bin shards; run tokenize_to_shards first")
+    return paths
+
+
+def rank_slice(n_items: int, rank: int, world_size: int) -> range:
+    """The contiguous block of item indices rank owns: blocks cover 0..n_items-1 once, sizes
+    differing by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}; need 0 <= rank < world_size")
+    if n_items < 0:
+        raise ValueError(f"n_items={n_items}; it must be >= 0")
+    return range(n_items * rank // world_size, n_items * (rank + 1) // world_size)

@@ -1,0 +1,207 @@
+"""Document and conversation sources, all from local paths (nothing here downloads).
+
+Formats, chosen by file suffix:
+  - text (.txt .md .rst .py and any other suffix not below): the whole file is one document.
+    Text files are read as UTF-8 with errors="replace": a byte that is not UTF-8 becomes U+FFFD
+    (source trees and web dumps hold a few such bytes; failing on them helps no one).
+  - .jsonl: one JSON object per line with a string "text" field; blank lines are skipped.
+  - .parquet: a string column "text" (the FineWeb layout); needs pyarrow (`pip install pyarrow`).
+Chat and task files are JSONL and strict: any line that is not what it should be is a
+`DataError` naming the file, the line and what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+PathLike = str | os.PathLike
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file, line and the fix."""
+
+
+def _paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not files:
+                raise DataError(f"{p}: folder has no files; point at a folder of documents")
+            out += files
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name file and line."""
+    with open(path, "rb") as f:
+        n = 0
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e}); re-encode the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, expected an object")
+            n += 1
+            yield lineno, obj
+    if n == 0:
+        raise DataError(f"{path}: empty file (no JSON lines); remove it or fill it")
+
+
+def _field(path: Path, lineno: int, obj: dict, name: str, kind: type | tuple = str):
+    if name not in obj:
+        raise DataError(f"{path}:{lineno}: missing field \"{name}\" (has {sorted(obj)})")
+    value = obj[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{path}:{lineno}: field \"{name}\" is a {type(value).__name__}, "
+                        f"expected {want}")
+    return value
+
+
+def _parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow; `pip install pyarrow` "
+                        "(or `pip install fasttrain[parquet]`)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    if column not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no \"{column}\" column (columns: {pf.schema_arrow.names})")
+    row = 0
+    for group in range(pf.num_row_groups):
+        for value in pf.read_row_group(group, columns=[column]).column(0).to_pylist():
+            if not isinstance(value, str):
+                raise DataError(f"{path}: row {row} of column \"{column}\" is "
+                                f"{type(value).__name__}, expected a string")
+            row += 1
+            yield value
+    if row == 0:
+        raise DataError(f"{path}: no rows; remove the file or fill it")
+
+
+def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
+    """Every document under paths (files or folders, folders recursively in sorted order)."""
+    for path in _paths(paths):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            for lineno, obj in _jsonl(path):
+                yield _field(path, lineno, obj, "text")
+        elif suffix == ".parquet":
+            yield from _parquet_texts(path)
+        else:
+            yield path.read_bytes().decode("utf-8", errors="replace")
+
+
+def default_corpus_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, sorted (~31 MB on CPython 3.11).
+
+    Everything under the stdlib folder except site-packages / dist-packages (installed packages
+    differ between machines); the test suites are kept, they are ordinary Python code.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    files.sort()
+    if not files:
+        raise DataError(f"{root}: no standard-library .py files found (a zipped or stripped "
+                        "Python install); pass training text paths instead")
+    return files
+
+
+# --- conversations ----------------------------------------------------------------------------
+_ROLES = ("system", "user", "assistant")
+
+
+def _messages(path: Path, lineno: int, messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{path}:{lineno}: \"messages\" must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if (not isinstance(m, dict) or m.get("role") not in _ROLES
+                or not isinstance(m.get("content"), str)):
+            raise DataError(f"{path}:{lineno}: message {i} is {m!r}; each message needs \"role\" "
+                            f"(one of {_ROLES}) and a string \"content\"")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def iter_conversations(path: PathLike) -> Iterator[list[dict]]:
+    """Chat JSONL: one {"messages": [{"role": ..., "content": ...}, ...]} per line."""
+    path = Path(path)
+    for lineno, obj in _jsonl(path):
+        yield _messages(path, lineno, _field(path, lineno, obj, "messages", list))
+
+
+def iter_gsm8k(path: PathLike) -> Iterator[list[dict]]:
+    """GSM8K-style JSONL ({"question", "answer"}, the answer ending in "#### <number>") as chats.
+
+    The assistant reply is the worked solution, then "The answer is <number>." (the "####" line
+    replaced); GSM8K's "<<48/2=24>>" calculator notes are kept as they are.
+    """
+    path = Path(path)
+    for lineno, obj in _jsonl(path):
+        question = _field(path, lineno, obj, "question").strip()
+        answer = _field(path, lineno, obj, "answer")
+        if "####" not in answer:
+            raise DataError(f"{path}:{lineno}: \"answer\" has no \"#### <final answer>\" line; "
+                            "GSM8K answers end with one")
+        work, final = answer.rsplit("####", 1)
+        final = final.strip()
+        if not final or not question:
+            raise DataError(f"{path}:{lineno}: empty question or final answer")
+        reply = (work.strip() + "\n" if work.strip() else "") + f"The answer is {final}."
+        yield [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def render_multiple_choice(question: str, choices: list[str]) -> str:
+    """The prompt text of a multiple-choice question: the question, then "A. ..." lines."""
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return f"{question}\n{options}\nAnswer with the letter."
+
+
+def iter_multiple_choice(path: PathLike) -> Iterator[list[dict]]:
+    """MMLU/ARC-style JSONL ({"question", "choices": [...], "answer": index or letter}) as chats.
+
+    The user message is `render_multiple_choice(question, choices)`; the reply is the letter.
+    """
+    path = Path(path)
+    for lineno, obj in _jsonl(path):
+        question = _field(path, lineno, obj, "question").strip()
+        choices = _field(path, lineno, obj, "choices", list)
+        if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{path}:{lineno}: \"choices\" must be 2 to {len(LETTERS)} strings")
+        answer = _field(path, lineno, obj, "answer", (int, str))
+        if isinstance(answer, str):
+            if len(answer.strip()) != 1 or answer.strip().upper() not in LETTERS[:len(choices)]:
+                raise DataError(f"{path}:{lineno}: \"answer\" {answer!r} is not one of the letters "
+                                f"{LETTERS[:len(choices)]}")
+            answer = LETTERS.index(answer.strip().upper())
+        if not 0 <= answer < len(choices):
+            raise DataError(f"{path}:{lineno}: \"answer\" index {answer} is outside 0.."
+                            f"{len(choices) - 1}")
+        yield [{"role": "user", "content": render_multiple_choice(question, choices)},
+               {"role": "assistant", "content": LETTERS[answer]}]

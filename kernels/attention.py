@@ -1,0 +1,962 @@
+"""Flash attention (forward and backward) in Triton, with flash-attn's call signatures.
+
+Math, per batch row (or packed document), query head h and its key/value head h // (Hq / Hkv):
+
+    s[i, j] = softmax_scale * q[i] . k[j]                  scaled scores
+    s[i, j] = softcap * tanh(s[i, j] / softcap)            only when softcap > 0
+    s[i, j] = -inf   unless   i + Tk - Tq - left <= j <= i + Tk - Tq + right
+    lse[i]  = log(sum_j exp(s[i, j]))                      saved for the backward
+    out[i]  = sum_j exp(s[i, j] - lse[i]) v[j]
+
+Causal is `right = 0`, aligned to the bottom-right corner when Tq != Tk (as flash-attn does);
+a window side of -1 is unbounded. A query row that sees no key gives out = 0 and lse = +inf.
+
+The kernels never build the (Tq, Tk) score matrix: the forward streams key blocks through an
+online softmax (FlashAttention-2), the backward recomputes the probabilities from the saved lse:
+
+    delta[i] = sum_d dout[i] * out[i]                      (_attn_bwd_preprocess_kernel)
+    p = exp(s - lse);  dv = p^T dout;  ds = p * (dout v^T - delta)
+    dq = scale * ds' k;  dk = scale * ds'^T q,   ds' = ds * (1 - tanh^2) with softcap
+                                                           (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)
+
+dk/dv are summed over the query heads that share a key/value head inside one program, and dq
+comes from its own kernel over query blocks, so the backward uses no atomics and is deterministic.
+Key blocks that a query block cannot see (causal, window, other documents) are skipped by the
+loop bounds; only blocks that straddle a mask edge compute the mask.
+
+Shapes:   dense   q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)  -> out (B, Tq, Hq, D), lse (B, Hq, Tq)
+          varlen  q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens int32 (n_docs + 1,)
+                  -> out (total_q, Hq, D), lse (Hq, total_q)
+Dtypes:   fp16 and bf16 (fp32 accumulation); fp32 is accepted and computed at fp32 accuracy.
+Limits:   head dim <= 256 (padded to a power of two inside the kernels); Hq % Hkv == 0;
+          no dropout; lse is returned without a gradient; varlen tokens outside
+          cu_seqlens[0]:cu_seqlens[-1] get zero outputs and gradients.
+Dispatch: CUDA tensors run the Triton kernels; so do CPU tensors when TRITON_INTERPRET=1 (in
+          Triton's interpreter, for tests). Otherwise CPU tensors take PyTorch paths: dense
+          attention through SDPA under plain autograd (the math below with softcap), varlen and
+          return_lse through the custom ops' CPU implementation, which works on chunks of
+          queries with a "same document & window" mask. All of it traces under
+          `torch.compile(fullgraph=True)`: the Triton and chunked paths are `torch.library`
+          custom ops with fake implementations, and nothing syncs with the host.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E); folded into the score scale
+LN2 = 0.6931471805599453
+UNBOUNDED = 2**30  # an unbounded window side; small enough that index sums stay in int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # Triton has no portable tanh (libdevice is missing in the interpreter). (1 - e) / (1 + e)
+    # with e = exp(-2|x|) loses relative accuracy near 0, where the odd series takes over.
+    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+    return tl.where(tl.abs(x) < 0.25, series, t)
+
+
+@triton.jit
+def _block_range(start, BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, shift, w_lo, w_hi,
+                 other_len):
+    """Blocks of the other axis that rows [start, start + BLOCK) of this axis can see.
+
+    Row y sees x when y + shift - w_lo <= x <= y + shift + w_hi and 0 <= x < other_len.
+    Returns (lo, full_lo, full_hi, hi): blocks in [full_lo, full_hi) are visible to every row
+    and need no mask; [lo, full_lo) and [full_hi, hi) straddle an edge and are masked.
+    """
+    lo = tl.maximum(start + shift - w_lo, 0)
+    hi = tl.minimum(start + BLOCK - 1 + shift + w_hi + 1, other_len)
+    lo = (lo // OTHER_BLOCK) * OTHER_BLOCK
+    full_lo = tl.maximum(start + BLOCK - 1 + shift - w_lo, 0)
+    full_lo = tl.maximum((full_lo + OTHER_BLOCK - 1) // OTHER_BLOCK * OTHER_BLOCK, lo)
+    full_hi = tl.maximum(tl.minimum(start + shift + w_hi + 1, other_len), 0)
+    full_hi = (full_hi // OTHER_BLOCK) * OTHER_BLOCK
+    no_full = full_hi <= full_lo  # then one masked range [lo, hi) covers everything
+    full_lo = tl.where(no_full, hi, full_lo)
+    full_hi = tl.where(no_full, hi, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """Token offset and length of this batch row / packed document in q and in k."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        q_start = q_start.to(tl.int64)  # token offsets times strides overflow int32
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m, lo, hi,
+               diag, window_left, window_right, seqlen_k, scale_in, scale_out,
+               MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_mask = (offs_d < HEAD_DIM)[None, :]
+        if MASK:
+            kv_mask = kv_mask & (start_n + offs_n < seqlen_k)[:, None]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
+        if HAS_SOFTCAP:
+            s = _tanh(s * scale_in) * scale_out
+        else:
+            s = s * scale_out
+        if MASK:
+            d = offs_m[:, None] + diag  # key aligned with each query (bottom-right)
+            j = (start_n + offs_n)[None, :]
+            s = tl.where((j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right), s,
+                         float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new
+        if MASK:  # a row that has seen no key yet keeps m = -inf; subtract 0 instead of nan
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    # pointers
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    # sizes (seqlen_* are per-document for varlen, read from CU_*)
+    seqlen_q, seqlen_k, n_heads_q, group, window_left, window_right, scale_in, scale_out,
+    seqlen_bucket,  # only an autotune key
+    # strides (batch, token, head); the head dim is contiguous
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+    # meta
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
+                                                       IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    h_kv = h // group
+    # int64 base offsets: batch * stride and token * stride overflow int32 at real sizes
+    q_base = Q + b * stride_qb + (q_start + start_m) * stride_qt + h * stride_qh
+    o_base = O + b * stride_ob + (q_start + start_m) * stride_ot + h * stride_oh
+    k_base = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
+    lse_base = LSE + b * stride_lb + h * stride_lh + q_start + start_m
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (start_m + offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, BLOCK_N, diag, window_left,
+                                            window_right, seqlen_k)
+    args = (k_base, v_base, stride_kt, stride_vt, start_m)
+    win = (diag, window_left, window_right, seqlen_k, scale_in, scale_out)
+    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, lo, full_lo, *win, True, *meta)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, full_lo, full_hi, *win, False, *meta)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, full_hi, hi, *win, True, *meta)
+
+    seen = l_i > 0  # rows that saw no key: out = 0, lse = +inf
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_mask)
+    tl.store(lse_base + offs_m, lse, mask=start_m + offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, CU_Q, seqlen_q,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[i] = sum_d out[i, d] * dout[i, d], in the lse layout."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, _, seqlen_q, _ = _doc_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    b = b.to(tl.int64)
+    row = q_start + start_m
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (start_m + offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + row * stride_ot + h * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + row * stride_dot + h * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + row + offs_m, delta,
+             mask=start_m + offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                start_n, lo, hi, diag, window_left, window_right, seqlen_q, seqlen_k,
+                scale_in, scale_out,
+                MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    # Works on transposed scores (BN, BM) so dk/dv accumulate without transposing them.
+    # Query rows past seqlen_q load as zeros (q, dout, lse, delta), which contribute nothing.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot \
+        + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        row_ok = start_m + offs_m < seqlen_q
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+        lse = tl.load(lse_base + start_m + offs_m, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_base + start_m + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM)
+        if HAS_SOFTCAP:
+            t_t = _tanh(s_t * scale_in)
+            s_t = t_t * scale_out
+        else:
+            s_t = s_t * scale_out
+        p_t = tl.exp2(s_t - lse[None, :])  # lse = +inf (row saw no key) gives 0
+        if MASK:  # the forward's mask, transposed: keys are rows here
+            d = (start_m + offs_m)[None, :] + diag
+            j = offs_n[:, None]
+            visible = (j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right)
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    # sizes
+    seqlen_q, seqlen_k, n_heads_kv, group, window_left, window_right, sm_scale, scale_in,
+    scale_out, seqlen_bucket,
+    # strides (batch, token, head); dk/dv share one layout, as do q/dout
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    stride_vh, stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
+    stride_lb, stride_lh,
+    # meta
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
+                                                       IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    b = b.to(tl.int64)
+    h_kv = h_kv.to(tl.int64)
+    key_row = k_start + start_n
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    # query i sees key j when j - diag - right <= i <= j - diag + left
+    lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, BLOCK_M, -diag, window_right,
+                                            window_left, seqlen_q)
+    win = (diag, window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out)
+    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    q_row = q_start
+    for g in range(0, group):  # query heads sharing this key/value head (GQA)
+        h = h_kv * group + g
+        q_base = Q + b * stride_qb + q_row * stride_qt + h * stride_qh
+        do_base = DO + b * stride_dob + q_row * stride_dot + h * stride_doh
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
+        args = (q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start_n)
+        dk, dv = _dkdv_inner(dk, dv, k, v, *args, lo, full_lo, *win, True, *meta)
+        dk, dv = _dkdv_inner(dk, dv, k, v, *args, full_lo, full_hi, *win, False, *meta)
+        dk, dv = _dkdv_inner(dk, dv, k, v, *args, full_hi, hi, *win, True, *meta)
+
+    dk = dk * sm_scale
+    out_off = b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
+    out_ptrs = offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(DK + out_off + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_m, lo, hi,
+              diag, window_left, window_right, seqlen_k, scale_in, scale_out,
+              MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_mask = (offs_d < HEAD_DIM)[None, :]
+        if MASK:
+            kv_mask = kv_mask & (start_n + offs_n < seqlen_k)[:, None]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
+        if HAS_SOFTCAP:
+            t = _tanh(s * scale_in)
+            s = t * scale_out
+        else:
+            s = s * scale_out
+        p = tl.exp2(s - lse[:, None])
+        if MASK:
+            d = offs_m[:, None] + diag
+            j = (start_n + offs_n)[None, :]
+            p = tl.where((j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    # sizes
+    seqlen_q, seqlen_k, n_heads_q, group, window_left, window_right, sm_scale, scale_in,
+    scale_out, seqlen_bucket,
+    # strides (batch, token, head)
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    stride_vh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    # meta
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
+                                                       IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    h_kv = h // group
+    q_row = q_start + start_m
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = start_m + offs_m < seqlen_q
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + q_row * stride_qt + h * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + q_row * stride_dot + h * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    lse_off = b * stride_lb + h * stride_lh + q_row + offs_m
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, BLOCK_N, diag, window_left,
+                                            window_right, seqlen_k)
+    args = (k_base, v_base, stride_kt, stride_vt, start_m)
+    win = (diag, window_left, window_right, seqlen_k, scale_in, scale_out)
+    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, *args, lo, full_lo, *win, True, *meta)
+    dq = _dq_inner(dq, q, do, lse, delta, *args, full_lo, full_hi, *win, False, *meta)
+    dq = _dq_inner(dq, q, do, lse, delta, *args, full_hi, hi, *win, True, *meta)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + q_row * stride_dqt + h * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers: autotuning, checks, allocation, grids
+# ----------------------------------------------------------------------------------------------
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    # Rough shared-memory need (q tile + pipelined k/v tiles, 2 bytes each); a full H100/H200
+    # SM has 228 KiB. Dropping hopeless configs saves compile time at head dim 256.
+    d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
+    d = max(16, triton.next_power_of_2(d))
+
+    def smem(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return 2 * d * (m + 2 * n * max(c.num_stages - 1, 1) + max(m, n))
+
+    kept = [c for c in configs if smem(c) <= 200 * 1024]
+    return kept or [min(configs, key=smem)]
+
+
+_TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "window_left", "window_right", "IS_VARLEN",
+             "HAS_SOFTCAP"]
+_PRUNE = {"early_config_prune": _prune_by_smem}
+_attn_fwd = triton.autotune(
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+              (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]),
+    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
+_attn_bwd_dkdv = triton.autotune(  # BLOCK_N: keys per program, BLOCK_M: queries per step
+    _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+              (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)]),
+    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = triton.autotune(  # BLOCK_M: queries per program, BLOCK_N: keys per step
+    _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3),
+              (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2)]),
+    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
+# The interpreter is too slow to autotune; unequal blocks there exercise every mask edge.
+_INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32)}
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(tuned, grid, *args, **meta):
+    if _interpret():
+        block_m, block_n = _INTERPRET_BLOCKS[tuned]
+        tuned.fn[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _strides(x, varlen):
+    """(batch, token, head) strides; a packed varlen tensor has no batch dim."""
+    return (0,) + x.stride()[:2] if varlen else x.stride()[:3]
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _seqlen_bucket(n):
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _kernel_meta(q, softcap):
+    d = q.shape[-1]
+    return dict(HAS_SOFTCAP=softcap > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)))
+
+
+def _softcap_scales(softmax_scale, softcap):
+    """(scale_in, scale_out): kernels take scores in log2 units as qk * scale_out, or with
+    softcap as tanh(qk * scale_in) * scale_out = log2(e) * softcap * tanh(scale * qk / softcap)."""
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return 1.0, softmax_scale * LOG2E
+
+
+def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    window_left, window_right, softcap):
+    varlen = cu_q is not None
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch = cu_q.shape[0] - 1
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)  # tokens outside docs
+        lse = torch.zeros((n_heads_q, q.shape[0]), device=q.device, dtype=torch.float32)
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch = q.shape[0]
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = torch.empty((batch, n_heads_q, q.shape[1]), device=q.device, dtype=torch.float32)
+        lse_strides = lse.stride()[:2]
+        cu_q = cu_k = lse  # never read: IS_VARLEN=False
+    scale_in, scale_out = _softcap_scales(softmax_scale, softcap)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), n_heads_q, batch)
+
+    _launch(_attn_fwd, grid, q, k, v, out, lse, cu_q, cu_k,
+            max_seqlen_q, max_seqlen_k, n_heads_q, n_heads_q // n_heads_kv, window_left,
+            window_right, scale_in, scale_out, _seqlen_bucket(max_seqlen_q),
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(out, varlen), *lse_strides, IS_VARLEN=varlen, **_kernel_meta(q, softcap))
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, window_left, window_right, softcap):
+    varlen = cu_q is not None
+    dout, q, k, v = (_last_dim_contiguous(x) for x in (dout, q, k, v))
+    n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
+    new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
+    dq = new(q.shape, device=q.device, dtype=q.dtype)
+    dk = new(k.shape, device=k.device, dtype=k.dtype)
+    dv = new(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    if varlen:
+        batch, lse_strides = cu_q.shape[0] - 1, (0, lse.stride(0))
+    else:
+        batch, lse_strides, cu_q, cu_k = q.shape[0], lse.stride()[:2], lse, lse
+    meta = dict(IS_VARLEN=varlen, **_kernel_meta(q, softcap))
+    scale_in, scale_out = _softcap_scales(softmax_scale, softcap)
+    sizes = (max_seqlen_q, max_seqlen_k)
+    tail = (window_left, window_right, softmax_scale, scale_in, scale_out,
+            _seqlen_bucket(max_seqlen_q))
+    block_pre = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, block_pre), n_heads_q, batch)](
+        out, dout, delta, cu_q, max_seqlen_q, *_strides(out, varlen), *_strides(dout, varlen),
+        *lse_strides, IS_VARLEN=varlen, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_M=block_pre)
+    _launch(_attn_bwd_dkdv,
+            lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), n_heads_kv, batch),
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes, n_heads_kv,
+            n_heads_q // n_heads_kv, *tail, *_strides(q, varlen), *_strides(k, varlen),
+            *_strides(v, varlen), *_strides(dout, varlen), *_strides(dk, varlen), *lse_strides,
+            **meta)
+    _launch(_attn_bwd_dq,
+            lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), n_heads_q, batch),
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *sizes, n_heads_q,
+            n_heads_q // n_heads_kv, *tail, *_strides(q, varlen), *_strides(k, varlen),
+            *_strides(v, varlen), *_strides(dout, varlen), *_strides(dq, varlen), *lse_strides,
+            **meta)
+    return dq, dk, dv
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_qkv(q, k, v, varlen):
+    layout = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != (3 if varlen else 4):
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; use float16, bfloat16 or float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        "cast them to the same dtype")
+    if not q.device == k.device == v.device or q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q, k, v must be on one CPU or CUDA device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and "
+                         f"{k.shape[0]}")
+    if k.shape[-1] != q.shape[-1] or not 1 <= q.shape[-1] <= 256:
+        raise ValueError(f"q and k must share one head dim in [1, 256], got {q.shape[-1]} and "
+                         f"{k.shape[-1]}")
+    n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
+    if n_heads_kv == 0 or n_heads_q % n_heads_kv != 0:
+        raise ValueError(f"q heads ({n_heads_q}) must be a multiple of k/v heads ({n_heads_kv}) "
+                         "(GQA/MQA); check the head counts in the model config")
+
+
+def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
+            got = cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{name} must be an int32 tensor, got {got}; use .to(torch.int32)")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must have shape (n_docs + 1,) with n_docs >= 1, got "
+                             f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same documents, got "
+                         f"shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TypeError(f"{name} must be a non-negative Python int (a tensor would need a "
+                            f"host sync), got {n!r}")
+
+
+def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
+    """Validated (softmax_scale, window_left, window_right, softcap) for the kernels."""
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not "
+                                  "implemented; pass dropout_p=0.0")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right) ints >= -1 (-1: unbounded), got "
+                         f"{window_size!r}")
+    if not softcap >= 0.0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = (UNBOUNDED if w < 0 else min(w, UNBOUNDED) for w in window_size)
+    return scale, left, 0 if causal else right, float(softcap)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and autograd: opaque to torch.compile, no host syncs
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasttrain::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                    window_left: int, window_right: int, softcap: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
+    if q.is_cuda or _interpret():
+        return _triton_forward(q, k, v, *args)
+    return _reference_forward(q, k, v, *args)
+
+
+@torch.library.custom_op("fasttrain::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, softmax_scale: float, window_left: int,
+                    window_right: int, softcap: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
+    if q.is_cuda or _interpret():
+        return _triton_backward(dout, q, k, v, out, lse, *args)
+    return _reference_backward(dout, q, k, v, out, lse, *args)
+
+
+@torch.library.custom_op("fasttrain::flash_attn_varlen_fwd", mutates_args=())
+def _flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                           window_left: int, window_right: int, softcap: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+            window_right, softcap)
+    if q.is_cuda or _interpret():
+        return _triton_forward(q, k, v, *args)
+    return _reference_forward(q, k, v, *args)
+
+
+@torch.library.custom_op("fasttrain::flash_attn_varlen_bwd", mutates_args=())
+def _flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                           window_left: int, window_right: int, softcap: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+            window_right, softcap)
+    if q.is_cuda or _interpret():
+        return _triton_backward(dout, q, k, v, out, lse, *args)
+    return _reference_backward(dout, q, k, v, out, lse, *args)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                             dtype=torch.float32)
+
+
+@_flash_attn_varlen_fwd.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@_flash_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *options = inputs
+    tensors = [x for x in options if isinstance(x, torch.Tensor)]  # cu_seqlens for varlen
+    ctx.options = [x for x in options if not isinstance(x, torch.Tensor)]
+    ctx.save_for_backward(q, k, v, *output, *tensors)
+    ctx.mark_non_differentiable(output[1])  # lse
+
+
+def _attn_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *cu_seqlens = ctx.saved_tensors
+    bwd = torch.ops.fasttrain.flash_attn_varlen_bwd if cu_seqlens else \
+        torch.ops.fasttrain.flash_attn_bwd
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, *cu_seqlens, *ctx.options)
+    return (dq, dk, dv) + (None,) * (len(ctx.options) + len(cu_seqlens))
+
+
+_flash_attn_fwd.register_autograd(_attn_backward, setup_context=_setup_context)
+_flash_attn_varlen_fwd.register_autograd(_attn_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch references and the CPU paths
+# ----------------------------------------------------------------------------------------------
+
+
+def _window_mask(seqlen_q, seqlen_k, window_left, window_right, device):
+    """(Tq, Tk) bool, True where query i sees key j (bottom-right aligned)."""
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    return (j >= i - window_left) & (j <= i + window_right)
+
+
+def _compute_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _math_forward(q, k, v, mask, softmax_scale, softcap, dtype):
+    """(out, lse) from the full score matrix, computed in `dtype` (differentiable).
+
+    q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), mask broadcastable to (B, Hkv, G, Tq, Tk).
+    Memory: the (B, Hq, Tq, Tk) scores and probabilities, written and read a few times.
+    """
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.to(dtype).view(B, Tq, Hkv, Hq // Hkv, D)  # (B, Tq, Hkv, G, D): k/v not repeated
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(dtype)) * softmax_scale  # (B, Hkv, G, Tq, Tk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    seen = mask.any(-1, keepdim=True)  # rows that see at least one key
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(~seen, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse) * seen
+    lse = lse[..., 0].masked_fill(~seen[..., 0], float("inf"))
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(dtype)).reshape(B, Tq, Hq, D)
+    return out.to(q.dtype), lse.reshape(B, Hq, Tq)
+
+
+def _math_backward(dout, q, k, v, out, lse, mask, softmax_scale, softcap, dtype):
+    """(dq, dk, dv) by the kernels' recipe: p from the saved lse, ds = p * (dp - delta)."""
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.to(dtype).view(B, Tq, Hkv, Hq // Hkv, D)  # (B, Tq, Hkv, G, D)
+    dog = dout.to(dtype).view(B, Tq, Hkv, Hq // Hkv, D)
+    k_, v_ = k.to(dtype), v.to(dtype)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k_) * softmax_scale  # (B, Hkv, G, Tq, Tk)
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    lse = lse.to(dtype).view(B, Hkv, Hq // Hkv, Tq, 1)
+    p = torch.exp(s - lse).masked_fill(~mask, 0.0)  # lse = +inf (no key seen) gives 0
+    delta = (dog * out.to(dtype).view(dog.shape)).sum(-1).permute(0, 2, 3, 1)[..., None]
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dog)
+    ds = p * (torch.einsum("bqhgd,bkhd->bhgqk", dog, v_) - delta)
+    if softcap > 0:
+        ds = ds * (1 - t * t)
+    ds = ds * softmax_scale
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k_).reshape(B, Tq, Hq, D)
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, qg)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _query_chunks(cu_seqlens_q, cu_seqlens_k, window_left, window_right, chunk=128):
+    """Yield (q rows, k rows, mask) covering packed documents `chunk` queries at a time.
+
+    Each query token sees the packed keys [lo, hi) of its own document inside its window, so a
+    chunk needs only keys from its smallest lo to its largest hi, and the mask "lo <= j < hi" is
+    also the "same document" mask. Cost O(total * (chunk + max_seqlen)), with no per-document
+    loop however many documents a batch packs. CPU tensors: reads cu_seqlens on the host.
+    """
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    len_q, len_k = cu_q.diff(), cu_k.diff()
+    first, end = int(cu_q[0]), int(cu_q[-1])
+    doc = torch.repeat_interleave(torch.arange(len_q.shape[0]), len_q)  # document of each query
+    aligned = cu_k[doc] + torch.arange(first, end) - cu_q[doc] + (len_k - len_q)[doc]
+    lo = torch.maximum(aligned - window_left, cu_k[doc])  # (end - first,) packed key bounds
+    hi = torch.minimum(aligned + window_right + 1, cu_k[doc + 1])
+    pad = -(end - first) % chunk
+    k_lo = F.pad(lo, (0, pad), value=2**62).view(-1, chunk).amin(1).tolist()
+    k_hi = F.pad(hi, (0, pad), value=-1).view(-1, chunk).amax(1).tolist()
+    for c, (ka, kb) in enumerate(zip(k_lo, k_hi)):
+        rows = slice(c * chunk, min((c + 1) * chunk, end - first))
+        kb = max(ka, kb)  # a chunk whose queries see no key still gets out = 0, lse = +inf
+        j = torch.arange(ka, kb)[None, :]
+        yield (slice(first + rows.start, first + rows.stop), slice(ka, kb),
+               (j >= lo[rows, None]) & (j < hi[rows, None]))
+
+
+def _packed(x):
+    """Dense (B, T, H, D) as packed documents: ((B * T, H, D), cu_seqlens (B + 1,))."""
+    B, T = x.shape[:2]
+    return x.reshape(B * T, *x.shape[2:]), torch.arange(B + 1, dtype=torch.int32) * T
+
+
+def _reference_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                       window_left, window_right, softcap):
+    """CPU implementation of the forward ops; outputs laid out as the kernels'."""
+    if cu_q is None:  # a batch row is a document
+        (qp, cu_q), (kp, cu_k), (vp, _) = (_packed(x) for x in (q, k, v))
+        out, lse = _reference_forward(qp, kp, vp, cu_q, cu_k, 0, 0, softmax_scale,
+                                      window_left, window_right, softcap)
+        lse = lse.view(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1)  # (B, Hq, Tq)
+        return out.view(q.shape), lse.contiguous()
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    for rows_q, rows_k, mask in _query_chunks(cu_q, cu_k, window_left, window_right):
+        o, l = _math_forward(q[None, rows_q], k[None, rows_k], v[None, rows_k], mask,
+                             softmax_scale, softcap, _compute_dtype(q))
+        out[rows_q], lse[:, rows_q] = o[0], l[0]
+    return out, lse
+
+
+def _reference_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                        softmax_scale, window_left, window_right, softcap):
+    """CPU implementation of the backward ops."""
+    if cu_q is None:
+        (dop, _), (qp, cu_q), (kp, cu_k), (vp, _), (op, _) = (
+            _packed(x) for x in (dout, q, k, v, out))
+        lse = lse.transpose(0, 1).reshape(q.shape[2], -1)  # (Hq, B * Tq)
+        grads = _reference_backward(dop, qp, kp, vp, op, lse, cu_q, cu_k, 0, 0, softmax_scale,
+                                    window_left, window_right, softcap)
+        return tuple(g.view(x.shape) for g, x in zip(grads, (q, k, v)))
+    options = (softmax_scale, softcap, _compute_dtype(q))
+    dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    for rows_q, rows_k, mask in _query_chunks(cu_q, cu_k, window_left, window_right):
+        g = _math_backward(dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                           out[None, rows_q], lse[None, :, rows_q], mask, *options)
+        dq[rows_q] = g[0][0]
+        dk[rows_k] += g[1][0]  # key chunks of neighbouring query chunks overlap
+        dv[rows_k] += g[2][0]
+    return dq, dk, dv
+
+
+def _attention_torch(q, k, v, softmax_scale, window_left, window_right, softcap):
+    """Dense CPU path under plain autograd: SDPA when it can express the mask, else the math."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    if softcap > 0:
+        mask = _window_mask(seqlen_q, seqlen_k, window_left, window_right, q.device)
+        return _math_forward(q, k, v, mask, softmax_scale, softcap, _compute_dtype(q))[0]
+    causal = window_left >= UNBOUNDED and window_right == 0 and seqlen_q == seqlen_k
+    full = window_left >= UNBOUNDED and window_right >= UNBOUNDED
+    mask = None if causal or full else _window_mask(seqlen_q, seqlen_k, window_left,
+                                                    window_right, q.device)
+    out = F.scaled_dot_product_attention(  # (B, H, T, D) layout
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).contiguous()  # (B, Tq, Hq, D)
+
+
+def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                  upcast=True):
+    """Plain-PyTorch attention, differentiable: (out, lse) for q (B, Tq, Hq, D).
+
+    upcast=True computes in fp32 (fp64 stays fp64); upcast=False computes in q's dtype, the
+    same-dtype baseline that kernel tolerances are measured against.
+    """
+    scale, left, right, softcap = _options(q, 0.0, softmax_scale, causal, window_size, softcap)
+    mask = _window_mask(q.shape[1], k.shape[1], left, right, q.device)
+    return _math_forward(q, k, v, mask, scale, softcap, _compute_dtype(q) if upcast else q.dtype)
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         window_size=(-1, -1), softcap=0.0, upcast=True):
+    """attention_ref per packed document: (out (total_q, Hq, D), lse (Hq, total_q)).
+
+    A test oracle: it loops over documents on the host and assumes cu_seqlens[0] == 0 and
+    cu_seqlens[-1] == total.
+    """
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for qa, qb, ka, kb in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        o, l = attention_ref(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], softmax_scale,
+                             causal, window_size, softcap, upcast)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), softcap=0.0, return_lse=False):
+    """Attention over q (B, Tq, Hq, D) and k/v (B, Tk, Hkv, D); returns out (B, Tq, Hq, D).
+
+    causal is aligned to the bottom-right corner when Tq != Tk; window_size = (left, right)
+    with -1 unbounded; softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
+    return_lse=True also returns lse (B, Hq, Tq) in fp32 (natural log, no gradient).
+    """
+    _check_qkv(q, k, v, varlen=False)
+    scale, left, right, softcap = _options(q, dropout_p, softmax_scale, causal, window_size,
+                                           softcap)
+    if q.is_cuda or _interpret() or return_lse:
+        out, lse = torch.ops.fasttrain.flash_attn_fwd(q, k, v, scale, left, right, softcap)
+        return (out, lse) if return_lse else out
+    return _attention_torch(q, k, v, scale, left, right, softcap)  # CPU training path
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, return_lse=False):
+    """Attention over packed documents that never attend across each other.
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D); document d owns tokens
+    cu_seqlens[d]:cu_seqlens[d + 1] (int32, (n_docs + 1,)); max_seqlen_* are Python ints
+    bounding every document's length. Returns out (total_q, Hq, D), and lse (Hq, total_q) fp32
+    when return_lse. Other arguments as in flash_attn_func, applied per document.
+    """
+    _check_qkv(q, k, v, varlen=True)
+    _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale, left, right, softcap = _options(q, dropout_p, softmax_scale, causal, window_size,
+                                           softcap)
+    out, lse = torch.ops.fasttrain.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+        softcap)
+    return (out, lse) if return_lse else out
