@@ -13,14 +13,14 @@ fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 
-if ! python -c "import torch, triton, numpy, numba, tiktoken, pytest" 2>/dev/null; then
+if ! python -c "import torch, triton, numpy, numba, tiktoken, regex, pytest" 2>/dev/null; then
     python -m pip install -q --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
         python -m pip install -q "torch>=2.11,<2.15"
     else
         python -m pip install -q torch==2.13.0  # the CPU build
     fi
-    python -m pip install -q "triton>=3.6,<3.10" numpy numba tiktoken pytest
+    python -m pip install -q "triton>=3.6,<3.10" numpy numba tiktoken regex pytest pyarrow
 fi
 # (re)build the packing extension when it is missing or older than its sources
 so=$(ls fasttrain/_packing*.so 2>/dev/null | head -n 1 || true)

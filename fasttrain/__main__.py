@@ -16,7 +16,7 @@ from fasttrain.train import TrainConfig
 
 @dataclass
 class TokenizerConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory; the tokenizer goes to <run>/tokenizer"})
+    run: str = field(default="runs/default", metadata={"help": "run directory; the tokenizer goes to <run>/tokenizer", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "text files or folders (default: the embedded corpus)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size, including the 256 bytes and the special tokens"})
     max_mb: float = field(default=0.0, metadata={"help": "train on at most this many MB of text; 0 = all"})
@@ -87,10 +87,11 @@ def run(argv=None):
 
 
 def main(argv=None):
-    from fasttrain.data.sources import DataError
+    # bad flags, bad data files and missing inputs are reported in one line (DataError and the
+    # config checks are ValueErrors); anything else is a bug and keeps its traceback
     try:
         run(argv)
-    except (CliError, DataError, FileNotFoundError) as e:
+    except (CliError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,6 +1,8 @@
 """Command-line flags generated from config dataclasses: one flag per field, its help from the
 field's metadata, its type from the annotation. `--seq-len` sets `seq_len`; booleans are
-`--flag` / `--no-flag`; lists take several values (`--data a.txt b.jsonl`)."""
+`--flag` / `--no-flag`; lists take several values (`--data a.txt b.jsonl`). A field's metadata
+may give "aliases" (e.g. `--run-dir` for `--run`, which torchrun's own parser would otherwise
+take for an abbreviation of its `--run-path`)."""
 from __future__ import annotations
 
 import argparse
@@ -27,13 +29,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, default
         hint = hints[f.name]
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = f.metadata.get("help", "")
+        flags = [_flag(f.name), *f.metadata.get("aliases", ())]
         if hint is bool:
-            group.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(*flags, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(hint) is list:
             (item,) = typing.get_args(hint)
-            group.add_argument(_flag(f.name), nargs="*", type=item, default=default, help=help_text, metavar="X")
+            group.add_argument(*flags, nargs="*", type=item, default=default, help=help_text, metavar="X")
         else:
-            group.add_argument(_flag(f.name), type=hint, default=default, metavar=hint.__name__.upper(),
+            group.add_argument(*flags, type=hint, default=default, metavar=hint.__name__.upper(),
                                help=f"{help_text} (default: {default})")
 
 

@@ -21,7 +21,7 @@ STAGES = ("sft", "mid", "base")
 
 @dataclass
 class EvalConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory"})
+    run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
     data: list[str] = field(default_factory=list, metadata={"help": "the text the base stage trained on (its held-out part is scored)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -31,7 +31,7 @@ class EvalConfig:
 
 @dataclass
 class ChatConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory"})
+    run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
     prompt: str = field(default="", metadata={"help": "one message to answer; empty = read messages from stdin, one per line"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -86,7 +86,9 @@ def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int) 
     device = model.cos.device
     packed = pack_documents([torch.as_tensor(d) for d in docs], seq_len, pad_id=tokenizer.bos_id, ignore_index=IGNORE_INDEX)
     rows = min(packed.input_ids.size(0), max(1, max_tokens // seq_len))
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    # bytes per token id; the special tokens stand for no text
+    token_bytes = torch.tensor([len(b) for b in tokenizer.token_bytes] + [0] * len(tokenizer.special_tokens),
+                               dtype=torch.float64)
     from fasttrain.data.loader import segments_of_rows
     loss_sum, n_tokens, n_bytes = 0.0, 0, 0.0
     for r in range(rows):
@@ -102,9 +104,11 @@ def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int) 
 
 def task_accuracy(model: GPT, tokenizer, problems: int, seed: int = 0) -> dict:
     """Greedy replies to the generated tasks' test conversations; exact match of the reply."""
-    from fasttrain.data.tasks import default_tasks
+    from fasttrain.data import tasks
+    words = tasks.corpus_words()
     scores = {}
-    for task in default_tasks(seed):
+    for task in (tasks.ArithmeticTask(seed), tasks.SpellingTask(words, seed), tasks.LetterCountTask(words, seed),
+                 tasks.IdentityTask(seed)):
         conversations = task.conversations("test", problems)
         correct = 0
         for messages in conversations:

@@ -43,7 +43,9 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -76,8 +78,7 @@ def build_optimizers(model, matrix_lr: float, embedding_lr: float, head_lr: floa
         dict(params=[model.wte.weight], lr=embedding_lr * dim_scale),
         dict(params=[model.lm_head.weight], lr=head_lr * dim_scale),
     ]
-    # fused/foreach AdamW kernels do not all accept DTensors; the plain loop does
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, foreach=False)
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
     muon = Muon(matrices, lr=matrix_lr)
     optimizers = [adamw, muon]
     for opt in optimizers:

@@ -17,7 +17,7 @@ from fasttrain.train import TrainConfig
 
 @dataclass
 class SpeedrunConfig:
-    run: str = field(default="runs/speedrun", metadata={"help": "run directory"})
+    run: str = field(default="runs/speedrun", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     depth: int = field(default=4, metadata={"help": "model depth (width = 64 x depth)"})
     vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary"})

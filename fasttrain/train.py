@@ -31,7 +31,7 @@ from fasttrain.parallel import DistInfo, all_reduce_sum, apply_fsdp
 
 @dataclass
 class TrainConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory; each stage writes <run>/<stage>/"})
+    run: str = field(default="runs/default", metadata={"help": "run directory; each stage writes <run>/<stage>/", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "data files or folders (default: the embedded corpus / generated tasks)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps; 0 = the stage's own budget"})
     seq_len: int = field(default=256, metadata={"help": "tokens per row"})

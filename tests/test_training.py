@@ -64,7 +64,7 @@ def test_two_ranks_match_one_process(tokenizer_run, corpus, tmp_path, cpu_env):
     one, two = fresh_run(tokenizer_run, tmp_path / "one"), fresh_run(tokenizer_run, tmp_path / "two")
     args = ["base", *TINY, "--data", corpus, "--max-steps", 4]
     fasttrain(args + ["--run", one], cpu_env)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "fasttrain", *map(str, args + ["--run-dir", two])],
                           cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

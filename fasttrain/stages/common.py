@@ -10,7 +10,8 @@ from pathlib import Path
 from fasttrain.checkpoint import latest_checkpoint, read_meta
 from fasttrain.cli import CliError
 from fasttrain.data.shards import TokenShard, write_shard
-from fasttrain.data.sources import default_corpus_files, iter_documents, read_conversations
+from fasttrain.data.sources import (DataError, default_corpus_files, iter_conversations, iter_documents, iter_gsm8k,
+                                    iter_multiple_choice)
 from fasttrain.data.tasks import default_mid_mixture, default_sft_mixture
 from fasttrain.model import ModelConfig
 from fasttrain.parallel import DistInfo, barrier
@@ -114,10 +115,29 @@ def tokenize_documents(texts, tokenizer: Tokenizer, batch: int = 256):
         yield from ([tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(pending))
 
 
+def read_conversations(path: str) -> list:
+    """A conversation file, its format told by the keys of its first record: "messages" (chat),
+    "choices" (multiple choice) or "question" (GSM8K-style)."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        keys = json.loads(first) if first else {}
+    except ValueError:
+        keys = {}  # let the chat reader report the bad line with its number
+    if not isinstance(keys, dict):
+        keys = {}
+    reader = (iter_multiple_choice if "choices" in keys else iter_gsm8k if "question" in keys
+              else iter_conversations)
+    conversations = list(reader(path))
+    if not conversations:
+        raise DataError(f"{path}: no conversations in the file; give a JSONL file with one per line")
+    return conversations
+
+
 def task_conversations(paths: list[str], stage: str, size: int, seed: int) -> list:
     """Conversations from the given files (chat, GSM8K-style or multiple-choice JSONL), or the
     default generated task mixture of the stage."""
     if paths:
         return [c for p in paths for c in read_conversations(p)]
     mixture = default_mid_mixture if stage == "mid" else default_sft_mixture
-    return list(mixture(seed=seed, size=size))
+    return mixture(seed=seed, size=size).conversations()
