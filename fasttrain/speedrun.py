@@ -19,12 +19,12 @@ from fasttrain.train import TrainConfig
 class SpeedrunConfig:
     run: str = field(default="runs/speedrun", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    depth: int = field(default=4, metadata={"help": "model depth (width = 64 x depth)"})
+    depth: int = field(default=2, metadata={"help": "model depth (width = 64 x depth)"})
     vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary"})
     tokenizer_mb: float = field(default=8.0, metadata={"help": "MB of corpus the tokenizer trains on"})
     seq_len: int = field(default=256, metadata={"help": "tokens per row"})
-    batch_tokens: int = field(default=8192, metadata={"help": "tokens per optimizer step"})
-    base_steps: int = field(default=150, metadata={"help": "base pretraining steps"})
+    batch_tokens: int = field(default=4096, metadata={"help": "tokens per optimizer step"})
+    base_steps: int = field(default=120, metadata={"help": "base pretraining steps"})
     mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)"})
     sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)"})
     seed: int = field(default=1337, metadata={"help": "seed"})
@@ -55,7 +55,7 @@ def speedrun(cfg: SpeedrunConfig):
     info = init_distributed(cfg.device)
     try:
         common = dict(run=cfg.run, device=cfg.device, seed=cfg.seed, seq_len=cfg.seq_len,
-                      batch_tokens=cfg.batch_tokens, log_every=10)
+                      batch_tokens=cfg.batch_tokens, micro_batch=cfg.batch_tokens // cfg.seq_len, log_every=10)
         stages = [
             ("base", lambda tc: base.plan(tc, ModelConfig(depth=cfg.depth, max_seq_len=cfg.seq_len), base.BaseConfig(), info),
              cfg.base_steps),
@@ -69,7 +69,8 @@ def speedrun(cfg: SpeedrunConfig):
             timings[name] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        result = run_eval(EvalConfig(run=cfg.run, device=cfg.device, problems=10), info)
+        base_result = run_eval(EvalConfig(run=cfg.run, stage="base", device=cfg.device), info)
+        result = run_eval(EvalConfig(run=cfg.run, stage="sft", device=cfg.device, problems=5), info)
         timings["eval"] = time.perf_counter() - t0
 
         tokenizer = load_tokenizer(cfg.run)
@@ -89,7 +90,8 @@ def speedrun(cfg: SpeedrunConfig):
             tok_s = [json.loads(l)["tokens_per_s"] for l in (Path(cfg.run) / name / "metrics.jsonl").read_text().splitlines()]
             print(f"{name:4s}  loss {first:.3f} -> {last:.3f}   median {sorted(tok_s)[len(tok_s) // 2]:.0f} tok/s   "
                   f"{timings[name]:.0f}s")
-        print(f"val   loss {result['val_loss']:.3f} nats/token, {result['val_bpb']:.3f} bits/byte (sft model)")
+        for name, r in (("base", base_result), ("sft", result)):
+            print(f"val   {name} model on held-out corpus text: {r['val_loss']:.3f} nats/token, {r['val_bpb']:.3f} bits/byte")
         for task, acc in result.get("task_accuracy", {}).items():
             print(f"task  {task}: {100 * acc:.0f}% exact")
         print(f"time  " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {sum(timings.values()):.0f}s")

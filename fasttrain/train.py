@@ -24,6 +24,7 @@ import torch
 
 from fasttrain.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from fasttrain.data.loader import PackedLoader
+from fasttrain.data.packing import packing_backend
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.optim import build_optimizers
 from fasttrain.parallel import DistInfo, all_reduce_sum, apply_fsdp
@@ -167,6 +168,9 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> GPT:
         metrics_path.write_text("".join(l + "\n" for l in kept))
 
     last_step = plan.total_steps
+    if info.is_main:
+        print(f"{plan.name}: {model.num_params() / 1e6:.2f}M parameters, {last_step} steps of {cfg.batch_tokens} tokens "
+              f"on {info.world_size} x {info.device.type}, packing with {packing_backend()}", file=sys.stderr)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(info.device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
