@@ -27,19 +27,19 @@ class TokenizerConfig:
 
 
 def _commands():
-    # imported here, not at the top: `--help` and argument errors stay instant
+    # imported here: the stage modules import the loop, and speedrun imports TokenizerConfig from here
     from fasttrain import evaluate, speedrun
     from fasttrain.stages import base, mid, sft
     return {
-        "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer", None)]),
-        "base": ("base pretraining on raw text", [(TrainConfig, "training", None), (ModelConfig, "model", None),
-                                                  (base.BaseConfig, "base stage", None)]),
-        "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training", None), (mid.MidConfig, "mid stage", None)]),
-        "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training", None), (sft.SFTConfig, "sft stage", None)]),
-        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(evaluate.EvalConfig, "eval", None)]),
-        "chat": ("talk to the chat model", [(evaluate.ChatConfig, "chat", None)]),
+        "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer")]),
+        "base": ("base pretraining on raw text", [(TrainConfig, "training"), (ModelConfig, "model"),
+                                                  (base.BaseConfig, "base stage")]),
+        "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (mid.MidConfig, "mid stage")]),
+        "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training"), (sft.SFTConfig, "sft stage")]),
+        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(evaluate.EvalConfig, "eval")]),
+        "chat": ("talk to the chat model", [(evaluate.ChatConfig, "chat")]),
         "speedrun": ("tokenizer -> base -> mid -> sft -> eval on the embedded default, then a report",
-                     [(speedrun.SpeedrunConfig, "speedrun", None)]),
+                     [(speedrun.SpeedrunConfig, "speedrun")]),
     }
 
 
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, groups) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        for cls, title, defaults in groups:
-            add_dataclass_args(p, cls, title, defaults)
+        for cls, title in groups:
+            add_dataclass_args(p, cls, title)
     return parser
 
 
@@ -62,7 +62,7 @@ def run(argv=None):
 
     args = build_parser().parse_args(argv)
     _, groups = _commands()[args.command]
-    configs = [dataclass_from_args(cls, args) for cls, _, _ in groups]
+    configs = [dataclass_from_args(cls, args) for cls, _ in groups]
     if args.command == "tokenizer":
         from fasttrain.stages.common import train_tokenizer
         train_tokenizer(configs[0])

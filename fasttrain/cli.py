@@ -1,7 +1,7 @@
 """Command-line flags generated from config dataclasses: one flag per field, its help from the
 field's metadata, its type from the annotation. `--seq-len` sets `seq_len`; booleans are
 `--flag` / `--no-flag`; lists take several values (`--data a.txt b.jsonl`). A field's metadata
-may give "aliases" (e.g. `--run-dir` for `--run`, which torchrun's own parser would otherwise
+may set "cli": False (a field the program sets itself) or give "aliases" (e.g. `--run-dir` for `--run`, which torchrun's own parser would otherwise
 take for an abbreviation of its `--run-path`)."""
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, defaults: dict | None = None):
-    """Add one flag per field of `cls`. `defaults` overrides field defaults (a stage's own)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str):
+    """Add one flag per field of `cls`, in a help section titled `title`."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or not f.metadata.get("cli", True):
             continue
         hint = hints[f.name]
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
         flags = [_flag(f.name), *f.metadata.get("aliases", ())]
         if hint is bool:

@@ -11,6 +11,7 @@ import torch
 
 from fasttrain.checkpoint import latest_checkpoint, load_model_weights, read_meta
 from fasttrain.cli import CliError
+from fasttrain.data.loader import segments_of_rows
 from fasttrain.data.packing import pack_documents
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.parallel import DistInfo
@@ -89,7 +90,6 @@ def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int) 
     # bytes per token id; the special tokens stand for no text
     token_bytes = torch.tensor([len(b) for b in tokenizer.token_bytes] + [0] * len(tokenizer.special_tokens),
                                dtype=torch.float64)
-    from fasttrain.data.loader import segments_of_rows
     loss_sum, n_tokens, n_bytes = 0.0, 0, 0.0
     for r in range(rows):
         inputs, targets = packed.input_ids[r:r + 1], packed.targets[r:r + 1]

@@ -34,14 +34,14 @@ class ModelConfig:
     head_dim: int = field(default=64, metadata={"help": "width of one attention head"})
     n_head: int = field(default=0, metadata={"help": "query heads; 0 derives n_embd // head_dim"})
     n_kv_head: int = field(default=0, metadata={"help": "key/value heads (GQA when fewer than n_head); 0 means n_head"})
-    vocab_size: int = field(default=0, metadata={"help": "set from the tokenizer"})
+    vocab_size: int = field(default=0, metadata={"help": "set from the tokenizer", "cli": False})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width = mlp_ratio * n_embd"})
     logit_softcap: float = field(default=15.0, metadata={"help": "logits = c * tanh(logits / c); 0 disables"})
     rope_base: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     rope_scaling: str = field(default="none", metadata={"help": "RoPE scaling for context extension: none, linear, ntk, yarn, llama3"})
     rope_factor: float = field(default=1.0, metadata={"help": "context extension factor for --rope-scaling"})
     rope_original_len: int = field(default=0, metadata={"help": "sequence length the model was trained at before extension (yarn, llama3)"})
-    max_seq_len: int = field(default=512, metadata={"help": "longest sequence the RoPE tables cover (the stages set it from --seq-len)"})
+    max_seq_len: int = field(default=512, metadata={"help": "longest sequence the RoPE tables cover (set from --seq-len)", "cli": False})
 
     def __post_init__(self):
         if self.depth < 1:

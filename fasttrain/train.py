@@ -34,7 +34,7 @@ from fasttrain.parallel import DistInfo, all_reduce_sum, apply_fsdp
 class TrainConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory; each stage writes <run>/<stage>/", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "data files or folders (default: the embedded corpus / generated tasks)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps; 0 = the stage's own budget"})
+    max_steps: int = field(default=0, metadata={"help": "the stage's length in optimizer steps (the LR schedule spans it); 0 = the stage's own budget"})
     seq_len: int = field(default=256, metadata={"help": "tokens per row"})
     batch_tokens: int = field(default=8192, metadata={"help": "tokens per optimizer step over all ranks (gradient accumulation fills it)"})
     micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward on one rank"})
