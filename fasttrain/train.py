@@ -158,10 +158,9 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> GPT:
             print(f"{plan.name}: resumed from {resume_from} at step {step}", file=sys.stderr)
     elif plan.init_from is not None:
         load_model_weights(plan.init_from, model)
-    if info.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = stage_dir / "metrics.jsonl"
     if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run rewrites the curve from its checkpoint on; a fresh run starts a new file
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if (
             resume_from is not None and metrics_path.exists()) else []
