@@ -85,7 +85,7 @@ def generate(model: GPT, ids: list[int], max_new_tokens: int, stop_id: int | Non
 def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int) -> dict:
     """Mean loss per scored token and bits per byte on held-out documents, packed like training."""
     device = model.cos.device
-    packed = pack_documents([torch.as_tensor(d) for d in docs], seq_len, pad_id=tokenizer.bos_id, ignore_index=IGNORE_INDEX)
+    packed = pack_documents([docs[i] for i in range(len(docs))], seq_len, pad_id=tokenizer.bos_id, ignore_index=IGNORE_INDEX)
     rows = min(packed.input_ids.size(0), max(1, max_tokens // seq_len))
     # bytes per token id; the special tokens stand for no text
     token_bytes = torch.tensor([len(b) for b in tokenizer.token_bytes] + [0] * len(tokenizer.special_tokens),
