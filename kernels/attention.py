@@ -39,6 +39,7 @@ Dispatch: CUDA tensors run the Triton kernels; so do CPU tensors when TRITON_INT
           `torch.compile(fullgraph=True)`: the Triton and chunked paths are `torch.library`
           custom ops with fake implementations, and nothing syncs with the host.
 """
+import functools
 import os
 
 import torch
@@ -46,8 +47,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E); folded into the score scale
-LN2 = 0.6931471805599453
+# Constants read inside @triton.jit code must be tl.constexpr globals (the compiler rejects plain
+# Python floats). Keep the tensor on the left of each product: the interpreter cannot multiply a
+# constexpr by a tensor.
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E); folded into the score scale
+LN2 = tl.constexpr(0.6931471805599453)
 UNBOUNDED = 2**30  # an unbounded window side; small enough that index sums stay in int32
 
 
@@ -60,7 +64,7 @@ UNBOUNDED = 2**30  # an unbounded window side; small enough that index sums stay
 def _tanh(x):
     # Triton has no portable tanh (libdevice is missing in the interpreter). (1 - e) / (1 + e)
     # with e = exp(-2|x|) loses relative accuracy near 0, where the odd series takes over.
-    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
     t = (1.0 - e) / (1.0 + e)
     t = tl.where(x < 0, -t, t)
     x2 = x * x
@@ -189,12 +193,20 @@ def _attn_fwd_kernel(
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, BLOCK_N, diag, window_left,
                                             window_right, seqlen_k)
-    args = (k_base, v_base, stride_kt, stride_vt, start_m)
-    win = (diag, window_left, window_right, seqlen_k, scale_in, scale_out)
-    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, lo, full_lo, *win, True, *meta)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, full_lo, full_hi, *win, False, *meta)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, *args, full_hi, hi, *win, True, *meta)
+    # Three ranges: masked edge, full blocks, masked edge. Arguments are spelled out: the compiler
+    # turns the elements of a tuple assigned to a local into tensors, constexprs included.
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
+                               lo, full_lo, diag, window_left, window_right, seqlen_k, scale_in,
+                               scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+                               HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
+                               full_lo, full_hi, diag, window_left, window_right, seqlen_k,
+                               scale_in, scale_out, False, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
+                               full_hi, hi, diag, window_left, window_right, seqlen_k, scale_in,
+                               scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+                               HEAD_DIM)
 
     seen = l_i > 0  # rows that saw no key: out = 0, lse = +inf
     l_safe = tl.where(seen, l_i, 1.0)
@@ -316,8 +328,6 @@ def _attn_bwd_dkdv_kernel(
     # query i sees key j when j - diag - right <= i <= j - diag + left
     lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, BLOCK_M, -diag, window_right,
                                             window_left, seqlen_q)
-    win = (diag, window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out)
-    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     q_row = q_start
     for g in range(0, group):  # query heads sharing this key/value head (GQA)
         h = h_kv * group + g
@@ -325,10 +335,18 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + q_row * stride_dot + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        args = (q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start_n)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *args, lo, full_lo, *win, True, *meta)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *args, full_lo, full_hi, *win, False, *meta)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *args, full_hi, hi, *win, True, *meta)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_dot, start_n, lo, full_lo, diag, window_left, window_right,
+                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
+                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_dot, start_n, full_lo, full_hi, diag, window_left,
+                             window_right, seqlen_q, seqlen_k, scale_in, scale_out, False,
+                             HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_dot, start_n, full_hi, hi, diag, window_left, window_right,
+                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
+                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
 
     dk = dk * sm_scale
     out_off = b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
@@ -419,12 +437,15 @@ def _attn_bwd_dq_kernel(
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, BLOCK_N, diag, window_left,
                                             window_right, seqlen_k)
-    args = (k_base, v_base, stride_kt, stride_vt, start_m)
-    win = (diag, window_left, window_right, seqlen_k, scale_in, scale_out)
-    meta = (HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-    dq = _dq_inner(dq, q, do, lse, delta, *args, lo, full_lo, *win, True, *meta)
-    dq = _dq_inner(dq, q, do, lse, delta, *args, full_lo, full_hi, *win, False, *meta)
-    dq = _dq_inner(dq, q, do, lse, delta, *args, full_hi, hi, *win, True, *meta)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_m, lo,
+                   full_lo, diag, window_left, window_right, seqlen_k, scale_in, scale_out, True,
+                   HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_m,
+                   full_lo, full_hi, diag, window_left, window_right, seqlen_k, scale_in,
+                   scale_out, False, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_m, full_hi,
+                   hi, diag, window_left, window_right, seqlen_k, scale_in, scale_out, True,
+                   HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + q_row * stride_dqt + h * stride_dqh
              + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -436,40 +457,97 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in shapes]
+# Autotune choices per target ("sm90": Hopper and newer; "sm80": Ampere, Ada), kernel and head-dim
+# tile (BLOCK_D; 16 and 32 use the 64 choices): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Each was compiled for its target (python -m fasttrain.gpu_compile): none spills registers, and
+# the prune below drops those whose shared memory does not fit the device. Register pressure sets
+# the tiles: one warpgroup (4 warps) holds a BLOCK_M x BLOCK_D fp32 accumulator, so at
+# BLOCK_D >= 128 the larger tiles take two warpgroups (8 warps), and the backward, which holds two
+# accumulators (dk and dv, or dq plus k/v tiles), takes narrow query (dk/dv) or key (dq) steps, as
+# the Triton tutorial's backward does. At BLOCK_D 256 the dk/dv accumulators of a 64-key tile do
+# not fit a warpgroup's registers: 32-key tiles there run on mma.sync instead of wgmma.
+_FWD_TILES = {
+    "sm90": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+             128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+             256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 3)]},
+    "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+             128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2)],
+             256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2)]},  # the last fits fp32
+}
+_DKDV_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
+    "sm90": {64: [(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+             128: [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1)],
+             256: [(32, 32, 8, 2)]},
+    "sm80": {64: [(32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(16, 64, 8, 1), (16, 32, 8, 2)],
+             256: [(32, 32, 8, 2), (16, 32, 8, 1)]},
+}
+_DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
+    "sm90": {64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+             128: [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+             256: [(64, 32, 8, 2), (32, 16, 4, 2)]},  # the last fits fp32
+    "sm80": {64: [(128, 64, 8, 3), (64, 32, 4, 3)],
+             128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+             256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)]},
+}
 
 
-def _prune_by_smem(configs, named_args, **kwargs):
-    # Rough shared-memory need (q tile + pipelined k/v tiles, 2 bytes each); a full H100/H200
-    # SM has 228 KiB. Dropping hopeless configs saves compile time at head dim 256.
-    d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
-    d = max(16, triton.next_power_of_2(d))
+def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
+    """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
+    pipeline stages for the streamed ones: an upper bound of the compiled size (equal to it on
+    sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v);
+    dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    s = max(config.num_stages, 2)  # one stage still stages a tile for the dots' layout change
+    tile = elem_size * head_dim_tile
+    if kernel_name == "_attn_fwd_kernel":
+        return tile * (m + 2 * n * s)
+    if kernel_name == "_attn_bwd_dq_kernel":
+        return tile * (2 * m + 2 * n * s)
+    return tile * (2 * n + 2 * m * s) + 16 * m * s
 
-    def smem(c):
-        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return 2 * d * (m + 2 * n * max(c.num_stages - 1, 1) + max(m, n))
 
-    kept = [c for c in configs if smem(c) <= 200 * 1024]
-    return kept or [min(configs, key=smem)]
+@functools.lru_cache(maxsize=None)
+def _device_limits(device):
+    """(compute capability major, opt-in shared memory bytes per block) of a CUDA device."""
+    if device.type != "cuda":
+        return 9, 232_448  # only reached when compiling for a GPU this machine lacks (sm_90)
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.shared_memory_per_block_optin
+
+
+def _prune_configs(tiles, kernel_name):
+    """early_config_prune: this device's choices for the head-dim tile that fit its shared memory."""
+    def prune(configs, named_args, **kwargs):
+        head_dim_tile = max(64, kwargs["BLOCK_D"])  # BLOCK_D < 64 uses the 64 choices
+        q = named_args["Q"]
+        major, limit = _device_limits(q.device)
+        wanted = tiles["sm90" if major >= 9 else "sm80"][head_dim_tile]
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+                and _shared_memory_bytes(kernel_name, c, head_dim_tile, q.element_size()) <= limit]
+        if not kept:
+            raise ValueError(f"attention: no {kernel_name} tile fits {limit} bytes of shared "
+                             f"memory on {q.device} at head dim {kwargs['HEAD_DIM']} and dtype "
+                             f"{q.dtype}; use bfloat16/float16 or a smaller head dim")
+        return kept
+    return prune
+
+
+def _autotune(kernel, tiles):
+    shapes = sorted({shape for by_dim in tiles.values() for choices in by_dim.values()
+                     for shape in choices})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in shapes]
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={
+        "early_config_prune": _prune_configs(tiles, kernel.__name__)})(kernel)
 
 
 _TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "window_left", "window_right", "IS_VARLEN",
              "HAS_SOFTCAP"]
-_PRUNE = {"early_config_prune": _prune_by_smem}
-_attn_fwd = triton.autotune(
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-              (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]),
-    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
-_attn_bwd_dkdv = triton.autotune(  # BLOCK_N: keys per program, BLOCK_M: queries per step
-    _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
-              (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)]),
-    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = triton.autotune(  # BLOCK_M: queries per program, BLOCK_N: keys per step
-    _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3),
-              (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2)]),
-    key=_TUNE_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
+_attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES)
+_attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)
+_attn_bwd_dq = _autotune(_attn_bwd_dq_kernel, _DQ_TILES)
 # The interpreter is too slow to autotune; unequal blocks there exercise every mask edge.
 _INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32)}
 
@@ -509,8 +587,8 @@ def _softcap_scales(softmax_scale, softcap):
     """(scale_in, scale_out): kernels take scores in log2 units as qk * scale_out, or with
     softcap as tanh(qk * scale_in) * scale_out = log2(e) * softcap * tanh(scale * qk / softcap)."""
     if softcap > 0:
-        return softmax_scale / softcap, softcap * LOG2E
-    return 1.0, softmax_scale * LOG2E
+        return softmax_scale / softcap, softcap * LOG2E.value
+    return 1.0, softmax_scale * LOG2E.value
 
 
 def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale,
