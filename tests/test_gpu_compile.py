@@ -1,0 +1,158 @@
+"""The compile tier: every Triton kernel builds for sm_90 (H100/H200) and sm_80 (A100), no GPU needed.
+
+The interpreter tests prove the kernels compute the right thing; these prove that Triton's compiler
+accepts them, for every launch the public ops make and every autotune config the launchers keep.
+The default run puts the whole grid through the front end and a representative set (bf16, head dims
+64 and 128, the three kernel files) through ptxas, where it also checks shared memory, spills and
+warpgroup MMA. The `slow` test takes every launch and config through ptxas.
+
+The tier runs `python -m fasttrain.gpu_compile` in subprocesses: the kernels must be decorated
+without TRITON_INTERPRET, which conftest sets for this process.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+import triton.language as tl
+
+from fasttrain import gpu_compile
+
+ARCHS = (90, 80)
+
+
+def _run_tier(out_dir, *args):
+    """Run the tier for each arch in parallel (one process each); return their JSON records."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for arch in ARCHS:
+        path = out_dir / f"sm{arch}.jsonl"
+        cmd = [sys.executable, "-m", "fasttrain.gpu_compile", "--arch", str(arch), "--json",
+               str(path), *args]
+        procs[arch] = (path, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+    records = []
+    for arch, (path, proc) in procs.items():
+        output = proc.communicate()[0]
+        assert path.exists(), f"sm_{arch}: the tier wrote no results:\n{output[-3000:]}"
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    return records
+
+
+def _assert_no_problems(records):
+    failed = [r for r in records if r["problems"]]
+    lines = [f"sm_{r['arch']} {r['kernel']} [{r['case']}] {r['config']}: {'; '.join(r['problems'])}"
+             for r in failed]
+    assert not failed, f"{len(failed)} of {len(records)} launches fail:\n" + "\n".join(lines[:40])
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory):
+    return _run_tier(tmp_path_factory.mktemp("gpu_compile"))
+
+
+def test_every_kernel_builds(tier):
+    _assert_no_problems(tier)
+
+
+def test_tier_covers_every_kernel_on_both_targets(tier):
+    expected = {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                "_attn_bwd_dq_kernel", "_rotary_kernel", "_cross_entropy_kernel"}
+    for arch in ARCHS:
+        mine = [r for r in tier if r["arch"] == arch]
+        assert {r["kernel"] for r in mine} == expected
+        assert {r["kernel"] for r in mine if "regs" in r} == expected, "ptxas skipped a kernel"
+        cases = {r["case"] for r in mine if r["op"] == "attention"}
+        for variant in ("D256 float32 varlen softcap Hq8/Hkv8", "D80 float16 dense Hq8/Hkv8",
+                        "D64 bfloat16 varlen Hq8/Hkv2"):
+            assert variant in cases
+    wgmma = [r for r in tier if r["arch"] == 90 and r.get("dot_rows") and "regs" in r]
+    assert wgmma and all(r["HGMMA"] for r in wgmma if r["dot_rows"] >= 64)
+    assert all(r["HMMA"] and not r["HGMMA"] for r in tier
+               if r["arch"] == 80 and r.get("dot_rows") and "regs" in r)
+
+
+def test_shared_memory_estimate_bounds_the_compiled_size(tier):
+    """The autotune prune keeps configs by an estimate: it must never be below what Triton
+    allocates, or a device with less shared memory (sm_86: 99 KiB) would get configs that fail."""
+    from fasttrain.kernels import attention
+    checked = 0
+    for r in tier:
+        if r["op"] == "attention" and "regs" in r and r["tile"]:
+            head_dim, dtype = r["case"].split()[:2]
+            elem_size = 4 if dtype == "float32" else 2
+            tile = max(64, triton.next_power_of_2(int(head_dim[1:])))
+            config = triton.Config({"BLOCK_M": r["tile"]["BLOCK_M"],
+                                    "BLOCK_N": r["tile"]["BLOCK_N"]},
+                                   num_stages=r["tile"]["num_stages"])
+            estimate = attention._shared_memory_bytes(r["kernel"], config, tile, elem_size)
+            assert estimate >= r["shared"], (r["kernel"], r["case"], r["config"], estimate)
+            checked += 1
+    assert checked >= 40
+
+
+@pytest.mark.slow
+def test_every_config_through_ptxas(tmp_path):
+    _assert_no_problems(_run_tier(tmp_path, "--ptxas", "all"))
+
+
+# ---- the checks themselves fail on broken kernels ---------------------------------------------
+
+
+def _jit(fn):
+    # triton.jit under TRITON_INTERPRET=1 would give an interpreted function, which cannot compile
+    return triton.runtime.jit.JITFunction(fn)
+
+
+SCALE = 0.5  # a plain Python float: the compiler cannot read it inside a kernel
+
+
+def _reads_float_global(X, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs) * SCALE)
+
+
+def _assigns_constexpr_tuple(X, PREC: tl.constexpr, BLOCK: tl.constexpr):
+    meta = (PREC, BLOCK)
+    offs = tl.arange(0, meta[1])
+    x = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
+    tl.store(X + offs[:, None] * BLOCK + offs[None, :], tl.dot(x, x, input_precision=meta[0]))
+
+
+def _big_dot(X, Y, BLOCK: tl.constexpr):
+    # Both operands staged in shared memory (2 x 256 x 256 x 2 B = 256 KiB, over any limit) and a
+    # 256 x 256 fp32 accumulator on one warp (2,048 values a thread): spills.
+    offs = tl.arange(0, BLOCK)
+    ptrs = offs[:, None] * BLOCK + offs[None, :]
+    a = tl.load(X + ptrs)
+    b = tl.load(X + BLOCK * BLOCK + ptrs)
+    tl.store(Y + ptrs, tl.dot(a, b))
+
+
+@pytest.mark.parametrize("kernel, args, kwargs", [
+    (_reads_float_global, (), {}),
+    (_assigns_constexpr_tuple, (), {"PREC": "tf32"}),
+])
+def test_front_end_rejects_what_the_interpreter_accepts(kernel, args, kwargs):
+    import torch
+    target = gpu_compile.GPUTarget("cuda", 90, 32)
+    x = torch.empty(32 * 32, dtype=torch.float16)
+    src, options, backend = gpu_compile._source(_jit(kernel), (x, *args), dict(kwargs, BLOCK=32),
+                                                target)
+    with pytest.raises(Exception):
+        gpu_compile.front_end(src, options, backend, target)
+
+
+def test_spills_and_shared_memory_are_caught():
+    import torch
+    arch = 80
+    target = gpu_compile.GPUTarget("cuda", arch, 32)
+    x = torch.empty(2 * 256 * 256, dtype=torch.float16)
+    y = torch.empty(256 * 256, dtype=torch.float32)
+    src, options, _ = gpu_compile._source(_jit(_big_dot), (x, y), dict(BLOCK=256, num_warps=1),
+                                          target)
+    rec = dict(gpu_compile.compile_full(src, options, target), kernel="_big_dot", dot_rows=256)
+    problems = " ".join(gpu_compile.problems(rec, arch))
+    assert "spills" in problems and "shared memory" in problems, rec
