@@ -53,30 +53,35 @@ def _rotate_heads(
     # strides, in elements
     stride_xt, stride_xh, stride_ot, stride_oh,
     # meta
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr,
 ):
     half = rotary_dim // 2
-    rk = tl.arange(0, BLOCK_K)
-    if INTERLEAVED:
-        col_a = 2 * rk
-        col_b = 2 * rk + 1
-    else:
-        col_a = rk
-        col_b = rk + half
     rt64 = rt.to(tl.int64)[:, None, None]  # token * stride can pass 2**31 in packed batches
     for h0 in range(0, nheads, BLOCK_H):
         rh = h0 + tl.arange(0, BLOCK_H)
         row_mask = t_mask[:, None, None] & (rh < nheads)[None, :, None]  # (BT, BH, 1)
         x_rows = X + rt64 * stride_xt + rh[None, :, None] * stride_xh
         o_rows = OUT + rt64 * stride_ot + rh[None, :, None] * stride_oh
-        k_mask = row_mask & (rk < half)[None, None, :]  # (BT, BH, BK)
-        a = tl.load(x_rows + col_a[None, None, :], mask=k_mask, other=0.0).to(tl.float32)
-        b = tl.load(x_rows + col_b[None, None, :], mask=k_mask, other=0.0).to(tl.float32)
-        out_a = a * cos - b * sin
-        out_b = a * sin + b * cos
-        tl.store(o_rows + col_a[None, None, :], out_a.to(OUT.dtype.element_ty), mask=k_mask)
-        tl.store(o_rows + col_b[None, None, :], out_b.to(OUT.dtype.element_ty), mask=k_mask)
+        if INTERLEAVED:
+            # GPT-J pairs (x[2i], x[2i+1]) are adjacent: load the 2 * BLOCK_K rotary channels in one
+            # contiguous (vectorised) load, then split the pairs in registers.
+            rc = tl.arange(0, 2 * BLOCK_K)
+            c_mask = row_mask & (rc < rotary_dim)[None, None, :]  # (BT, BH, 2 BK)
+            x = tl.load(x_rows + rc[None, None, :], mask=c_mask, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_K, 2)))  # (BT, BH, BK) each
+            out = tl.join(a * cos - b * sin, a * sin + b * cos)  # (BT, BH, BK, 2)
+            out = tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * BLOCK_K))
+            tl.store(o_rows + rc[None, None, :], out.to(OUT.dtype.element_ty), mask=c_mask)
+        else:
+            # GPT-NeoX halves: a = x[:half], b = x[half:rotary_dim], two contiguous loads
+            rk = tl.arange(0, BLOCK_K)
+            k_mask = row_mask & (rk < half)[None, None, :]  # (BT, BH, BK)
+            a = tl.load(x_rows + rk[None, None, :], mask=k_mask, other=0.0).to(tl.float32)
+            b = tl.load(x_rows + half + rk[None, None, :], mask=k_mask, other=0.0).to(tl.float32)
+            tl.store(o_rows + rk[None, None, :], (a * cos - b * sin).to(OUT.dtype.element_ty), mask=k_mask)
+            tl.store(o_rows + half + rk[None, None, :], (a * sin + b * cos).to(OUT.dtype.element_ty),
+                     mask=k_mask)
         if COPY_REST:  # partial rotary, out of place: channels [rotary_dim, head_dim) are copied
             rp = rotary_dim + tl.arange(0, BLOCK_P)
             p_mask = row_mask & (rp < head_dim)[None, None, :]
@@ -134,14 +139,14 @@ def _rotary_kernel(
         Q + batch * stride_qb + start * stride_qt, Q_OUT + batch * stride_qob + start * stride_qot,
         cos, sin, rt, t_mask, nheads_q, head_dim, rotary_dim,
         stride_qt, stride_qh, stride_qot, stride_qoh,
-        BLOCK_H, BLOCK_K, BLOCK_P, INTERLEAVED, COPY_REST,
+        BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_P, INTERLEAVED, COPY_REST,
     )
     if HAS_K:
         _rotate_heads(
             K + batch * stride_kb + start * stride_kt, K_OUT + batch * stride_kob + start * stride_kot,
             cos, sin, rt, t_mask, nheads_k, head_dim, rotary_dim,
             stride_kt, stride_kh, stride_kot, stride_koh,
-            BLOCK_H, BLOCK_K, BLOCK_P, INTERLEAVED, COPY_REST,
+            BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_P, INTERLEAVED, COPY_REST,
         )
 
 
@@ -175,8 +180,13 @@ def _rotary_launch(q, k, q_out, k_out, cos, sin, seqlen_offsets, seqlen_offset, 
     block_k = triton.next_power_of_2(rotary_dim // 2)
     block_p = triton.next_power_of_2(head_dim - rotary_dim) if copy_rest else 1
     block_h = min(triton.next_power_of_2(max(nheads_q, nheads_k)), 8)
-    # about 4096 elements per (a or b) tile: enough bytes in flight, modest registers
-    block_t = min(triton.next_power_of_2(max(seqlen, 1)), max(1, 4096 // (block_h * max(block_k, block_p))))
+    # 8 elements of a (and 8 of b) per thread per head-loop step: one 16-byte vector each for 16-bit
+    # inputs. a, b, cos and sin then take 32 fp32 registers whatever layout the compiler picks
+    # (40-56 in all, no spills, sm_80/sm_90, Triton 3.6/3.9), so 9-10 blocks fit on an SM, each with
+    # 4 KB of q/k loads in flight: ~40 KB per SM. 4096-element tiles took 77-196 registers.
+    num_warps = 4
+    tile = 8 * 32 * num_warps  # elements of (BLOCK_T, BLOCK_H, BLOCK_K)
+    block_t = min(triton.next_power_of_2(max(seqlen, 1)), max(1, tile // (block_h * max(block_k, block_p))))
     n_tblocks = triton.cdiv(seqlen, block_t)
     if n_seq * n_tblocks == 0:
         return
@@ -191,7 +201,7 @@ def _rotary_launch(q, k, q_out, k_out, cos, sin, seqlen_offsets, seqlen_offset, 
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=block_p,
         HAS_K=k is not None, IS_VARLEN=varlen, OFFSETS_IS_TENSOR=seqlen_offsets is not None,
         INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_REST=copy_rest,
-        num_warps=4,
+        num_warps=num_warps,
     )
 
 
