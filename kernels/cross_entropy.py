@@ -31,6 +31,7 @@ gradient in the backward (one matmul fewer than recomputing); "none" recomputes 
 because grad_weight depends on the per-row incoming gradient. The CPU path is the same loop with
 PyTorch ops, so CPU training never materialises the full logits either.
 """
+import functools
 import os
 from typing import Optional
 
@@ -290,11 +291,53 @@ def _lce_chunks(hidden, weight, target, grad_scale, opts, chunk_size, want_loss,
         if want_dh:
             torch.mm(dlogits, weight, out=dh[start:end])
         if want_dw:
-            if dlogits.dtype == torch.float32:
-                dw.addmm_(dlogits.t(), h)
-            else:  # half-precision product, accumulated across chunks in fp32
-                dw.add_(dlogits.t() @ h)
+            _addmm_fp32(dw, dlogits.t(), h)
     return loss, dh, (dw.to(weight.dtype) if want_dw else None)
+
+
+@functools.cache
+def _fp32_product(device: torch.device, dtype: torch.dtype) -> str:
+    """How to add a @ b (a, b of `dtype`) into an fp32 accumulator without rounding the product:
+    "addmm" (torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc): one GEMM, in place),
+    "mm" (torch.mm(a, b, out_dtype=torch.float32), then add: an fp32 product temporary) or
+    "upcast" (fp32 copies of a and b). torch < 2.8 has no out_dtype (TypeError), CPU builds have
+    no kernel for it (NotImplementedError), CUDA builds differ on an fp32 acc with half inputs
+    (RuntimeError). Probed once per (device, dtype) on 1 x 1 matrices: 2 + 1 * 3 = 5."""
+    a = torch.ones(1, 1, device=device, dtype=dtype)
+    for mode in ("addmm", "mm"):
+        acc = torch.full((1, 1), 2.0, device=device)
+        try:
+            if mode == "addmm":
+                torch.addmm(acc, a, 3 * a, out_dtype=torch.float32, out=acc)
+            else:
+                acc += torch.mm(a, 3 * a, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        if acc.item() == 5.0:
+            return mode
+    return "upcast"
+
+
+def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (M, N) fp32 += a (M, K) @ b (K, N), with the product summed and added in fp32.
+
+    For bf16/fp16 a and b, acc.add_(a @ b) would round every chunk's product to 8 (11) mantissa bits
+    before the fp32 sum: over many chunks those roundings add up to several times the one rounding
+    of the final cast to the weight dtype.
+    """
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        if a.dtype == acc.dtype:
+            acc.addmm_(a, b)
+        else:  # fp64 inputs: the fp64 product, added to the fp32 accumulator
+            acc.add_(a @ b)
+        return
+    mode = _fp32_product(acc.device, a.dtype)
+    if mode == "addmm":  # half-precision inputs, fp32 accumulation, added in place (beta = 1)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mode == "mm":
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:  # fp32 copies of the operands: one chunk's worth each, never an (M, N) temporary
+        acc.addmm_(a.float(), b.float())
 
 
 def _grad_scale(target, ignore_index, reduction, grad=None):

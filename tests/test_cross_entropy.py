@@ -169,6 +169,34 @@ def test_linear_reference_path(monkeypatch, reduction):
     check_linear(torch.float32, reduction, None, n=300, vocab=3000)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_grad_weight_accumulates_chunks_in_fp32(dtype):
+    """grad_weight = sum over 29 chunks of dlogits.T @ hidden, summed in fp32 and rounded once.
+
+    The reference is fp64 on the kernel's own half-precision dlogits (same chunked logits, same CE
+    kernel), so the only error left is the final rounding to `dtype` (half an ulp) plus fp32
+    summation (n * 2**-24 * sum |terms|). Rounding each chunk's product to `dtype` before the fp32
+    sum (the old code) was 95x (bf16) / 14x (fp16) over this bound here.
+    """
+    torch.manual_seed(0)
+    n, c, vocab, chunk = 203, 37, 61, 7
+    hidden = torch.randn(n, c).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, c).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n,))
+    target[::9] = -100
+    loss = linear_cross_entropy(hidden, weight, target, reduction="sum", chunk_size=chunk)
+    (dw,) = torch.autograd.grad(loss, weight)
+
+    h, w = hidden.detach(), weight.detach()
+    logits = torch.cat([h[s:s + chunk] @ w.t() for s in range(0, n, chunk)]).requires_grad_()  # (n, V)
+    (dlogits,) = torch.autograd.grad(cross_entropy(logits, target, reduction="sum"), logits)
+    dw64 = dlogits.double().t() @ h.double()  # (V, C), exact sums of the same half-precision terms
+    half_ulp = torch.finfo(dtype).eps / 2 * torch.exp2(torch.floor(torch.log2(dw64.abs())))
+    fp32_sum = n * 2.0**-24 * (dlogits.double().abs().t() @ h.double().abs())
+    ratio = (dw.double() - dw64).abs() / (half_ulp + fp32_sum)
+    assert ratio.max().item() <= 1.0, ratio.max().item()
+
+
 def test_linear_only_one_side_requires_grad():
     torch.manual_seed(0)
     hidden, weight = torch.randn(9, 8, requires_grad=True), torch.randn(11, 8)
@@ -226,6 +254,55 @@ def test_bf16_real_sizes_gpu(vocab):
     (g,) = torch.autograd.grad(loss, logits)
     (g_ref,) = torch.autograd.grad(ref, logits32)
     torch.testing.assert_close(g.float(), g_ref.float(), atol=1e-2 * g_ref.abs().max().item(), rtol=1e-2)
+
+
+def _max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bf16_at_most_twice_torch_error_gpu(softcap):
+    """flash-attn's rule: the kernel's error is at most 2x that of PyTorch doing the same math in
+    bf16, both measured against fp64 (loss and gradient)."""
+    torch.manual_seed(0)
+    vocab = 50304
+    logits = (torch.randn(4096, vocab, device="cuda") * 4).bfloat16()
+    target = torch.randint(0, vocab, (4096,), device="cuda")
+    target[::7] = -100
+
+    def run(fn, x):
+        x = x.detach().requires_grad_()
+        loss = fn(x)
+        return (loss,) + torch.autograd.grad(loss, x)
+
+    ours = run(lambda x: cross_entropy(x, target, softcap=softcap), logits)
+    exact = run(lambda x: expected_loss(x, target, softcap=softcap), logits.double())
+    torch_bf16 = run(lambda x: F.cross_entropy(
+        x if softcap is None else softcap * torch.tanh(x / softcap), target), logits)
+    for name, a, ref, base in zip(("loss", "grad"), ours, exact, torch_bf16):
+        assert _max_err(a, ref) <= 2 * _max_err(base, ref) + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_linear_bf16_at_most_twice_torch_error_gpu():
+    torch.manual_seed(0)
+    n, c, vocab = 4096, 1024, 32768
+    hidden = torch.randn(n, c, device="cuda").bfloat16()
+    weight = (torch.randn(vocab, c, device="cuda") * c**-0.5).bfloat16()
+    target = torch.randint(0, vocab, (n,), device="cuda")
+    target[::5] = -100
+
+    def run(fn, h, w):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = fn(h, w)
+        return (loss,) + torch.autograd.grad(loss, (h, w))
+
+    ours = run(lambda h, w: linear_cross_entropy(h, w, target, chunk_size=1000), hidden, weight)
+    exact = run(lambda h, w: expected_loss(h @ w.t(), target), hidden.double(), weight.double())
+    torch_bf16 = run(lambda h, w: F.cross_entropy(h @ w.t(), target), hidden, weight)
+    for name, a, ref, base in zip(("loss", "dh", "dw"), ours, exact, torch_bf16):
+        assert _max_err(a, ref) <= 2 * _max_err(base, ref) + 1e-6, name
 
 
 @pytest.mark.gpu
