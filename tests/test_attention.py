@@ -270,6 +270,16 @@ def test_gpu_bf16_dense(T, H, Hkv, D, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 96, 256])  # the 64 tiles, a padded head dim, the mma.sync tiles
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_head_dims(D, dtype):
+    q, k, v, dout = _inputs((2, 1000, 8, D), (2, 1000, 2, D), dtype, "cuda")
+    _gpu_check(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
+               lambda q, k, v, upcast: attention_ref(q, k, v, causal=True, upcast=upcast),
+               q, k, v, dout)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("window, softcap", [((256, -1), 0.0), ((-1, -1), 30.0)])
 def test_gpu_bf16_window_softcap(window, softcap):
     q, k, v, dout = _inputs((2, 2048, 8, 128), (2, 2048, 2, 128), torch.bfloat16, "cuda")

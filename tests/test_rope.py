@@ -322,6 +322,17 @@ def test_bf16_real_shapes_gpu(interleaved):
         err = (out.float() - exact).abs().max().item()
         err_torch = (torch_bf16.float() - exact).abs().max().item()
         assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+    # backward (the rotation by -theta): same rule, against fp32 math
+    x = q[:, :512].detach().requires_grad_()
+    grad = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(apply_rotary_emb(x, cos, sin, interleaved=interleaved,
+                                                 seqlen_offsets=offsets), x, grad)
+    exact = rotary_emb_ref(grad.float(), cos, sin, interleaved, offsets, conjugate=True)
+    torch_bf16 = rotary_emb_ref(grad, cos.bfloat16(), sin.bfloat16(), interleaved, offsets,
+                                conjugate=True)
+    err = (dx.float() - exact).abs().max().item()
+    err_torch = (torch_bf16.float() - exact).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
     # packed: thousands of short documents
     lengths = torch.randint(1, 64, (3000,), device="cuda")
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
