@@ -2,9 +2,10 @@
 
 The interpreter tests prove the kernels compute the right thing; these prove that Triton's compiler
 accepts them, for every launch the public ops make and every autotune config the launchers keep.
-The default run puts the whole grid through the front end and a representative set (bf16, head dims
-64 and 128, the three kernel files) through ptxas, where it also checks shared memory, spills and
-warpgroup MMA. The `slow` test takes every launch and config through ptxas.
+The default run puts the whole grid through the front end and a representative set through ptxas
+(bf16 attention at head dims 64, 128 and 256 plus its register-hungriest variant, RoPE, cross-entropy),
+where it also checks shared memory, spills and warpgroup MMA. The `slow` test takes every launch
+and config through ptxas.
 
 The tier runs `python -m fasttrain.gpu_compile` in subprocesses: the kernels must be decorated
 without TRITON_INTERPRET, which conftest sets for this process.
