@@ -29,6 +29,7 @@ on Triton 3.6 to 3.9, the versions fasttrain supports.
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import os
@@ -119,7 +120,7 @@ def _capture(op, module, names, cases, arch):
 
 
 def attention_launches(arch):
-    from fasttrain.kernels import attention
+    attention = importlib.import_module("fasttrain.kernels.attention")
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for head_dim in (16, 32, 64, 80, 96, 128, 160, 256):
@@ -154,7 +155,7 @@ def _attention_thunk(attention, dtype, head_dim, varlen, softcap, n_heads_kv, ba
 
 
 def rope_launches(arch):
-    from fasttrain.kernels import rope
+    rope = importlib.import_module("fasttrain.kernels.rope")
     cases = []
     flags = [(has_k, varlen, interleaved, conjugate, partial, offsets)
              for has_k in (True, False) for varlen in (False, True)
@@ -192,8 +193,7 @@ def _rope_thunk(rope, dtype, head_dim, has_k, varlen, interleaved, conjugate, pa
 
 
 def cross_entropy_launches(arch):
-    from fasttrain.kernels import cross_entropy
-    ce = sys.modules["fasttrain.kernels.cross_entropy"]  # the package exports a function of that name
+    ce = importlib.import_module("fasttrain.kernels.cross_entropy")  # not the function of that name
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for vocab in (50304, 1000):
@@ -208,7 +208,6 @@ def cross_entropy_launches(arch):
                                           and backward and not smoothing)
                         cases.append((name, representative, _ce_thunk(
                             ce, dtype, vocab, forward, backward, softcap, smoothing)))
-    del cross_entropy
     return _capture("cross_entropy", ce, ["_cross_entropy_kernel"], cases, arch)
 
 
