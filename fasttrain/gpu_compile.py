@@ -132,10 +132,9 @@ def attention_launches(arch):
                         name = (f"D{head_dim} {str(dtype)[6:]} {'varlen' if varlen else 'dense'}"
                                 f"{' softcap' if softcap else ''} Hq8/Hkv{n_heads_kv}")
                         # the training shapes, the register-hungriest variant, the mma.sync tiles
-                        representative = dtype == torch.bfloat16 and (
-                            (head_dim in (64, 128, 256) and not (varlen or softcap)
-                             and n_heads_kv == 8)
-                            or (head_dim == 128 and varlen and softcap and n_heads_kv == 2))
+                        representative = dtype == torch.bfloat16 and head_dim in (64, 128, 256) \
+                            and (not (varlen or softcap or n_heads_kv == 2)
+                                 or (varlen and softcap and n_heads_kv == 2))
                         cases.append((name, representative, _attention_thunk(
                             attention, dtype, head_dim, varlen, softcap, n_heads_kv)))
     names = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess_kernel"]
@@ -315,7 +314,7 @@ def problems(rec, arch):
     return out
 
 
-def run(arch, only=None, ptxas="representative", log=None):
+def run(arch, only=None, ptxas="representative", log=None, match=None):
     """Every (launch, kept config) for one arch: a list of result dicts with 'problems'."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 turns the kernels into interpreted functions, "
@@ -328,6 +327,8 @@ def run(arch, only=None, ptxas="representative", log=None):
         if only and op not in only:
             continue
         for launch in make(arch):
+            if match and match not in launch.case:
+                continue
             if launch.error:
                 results.append({"arch": arch, "op": op, "kernel": "-", "case": launch.case,
                                 "config": "-", "triton": triton.__version__,
@@ -412,6 +413,7 @@ def main(argv=None):
     parser.add_argument("--ptxas", choices=("none", "representative", "all"),
                         default="representative",
                         help="which launches go through ptxas (all launches get the front end)")
+    parser.add_argument("--match", help="only the cases whose name contains this (e.g. 'D16 ')")
     parser.add_argument("--json", help="write one JSON object per (launch, config) here")
     parser.add_argument("--table", action="store_true", help="print every compiled launch")
     parser.add_argument("--markdown", action="store_true",
@@ -423,7 +425,8 @@ def main(argv=None):
         print(_HEADER, flush=True)
     for arch in args.arch or (90, 80):
         results += run(arch, args.only, args.ptxas,
-                       log=(lambda line: print(line, flush=True)) if args.table else None)
+                       log=(lambda line: print(line, flush=True)) if args.table else None,
+                       match=args.match)
     if args.json:
         with open(args.json, "w") as f:
             for rec in results:

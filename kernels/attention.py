@@ -465,30 +465,32 @@ def _attn_bwd_dq_kernel(
 # BLOCK_D >= 128 the larger tiles take two warpgroups (8 warps), and the backward, which holds two
 # accumulators (dk and dv, or dq plus k/v tiles), takes narrow query (dk/dv) or key (dq) steps, as
 # the Triton tutorial's backward does. At BLOCK_D 256 the dk/dv accumulators of a 64-key tile do
-# not fit a warpgroup's registers: 32-key tiles there run on mma.sync instead of wgmma.
+# not fit a warpgroup's registers: 32-key tiles there run on mma.sync instead of wgmma, unpipelined
+# (one stage). Varlen + softcap + GQA is the register-hungriest variant; every choice was checked
+# on it too. At 256 every list holds a tile whose fp32 (4-byte) version fits the shared memory.
 _FWD_TILES = {
     "sm90": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
              128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
-             256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 3)]},
+             256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (32, 16, 4, 2)]},
     "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
              128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2)],
-             256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2)]},  # the last fits fp32
+             256: [(64, 32, 8, 2), (64, 16, 8, 2)]},
 }
 _DKDV_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
-    "sm90": {64: [(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+    "sm90": {64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2)],
              128: [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1)],
-             256: [(32, 32, 8, 2)]},
-    "sm80": {64: [(32, 128, 8, 2), (32, 64, 4, 2)],
+             256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
+    "sm80": {64: [(32, 64, 8, 1), (16, 64, 8, 1), (16, 64, 8, 2)],
              128: [(16, 64, 8, 1), (16, 32, 8, 2)],
-             256: [(32, 32, 8, 2), (16, 32, 8, 1)]},
+             256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
 }
 _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
     "sm90": {64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
              128: [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
-             256: [(64, 32, 8, 2), (32, 16, 4, 2)]},  # the last fits fp32
+             256: [(64, 16, 8, 2), (32, 16, 4, 1)]},
     "sm80": {64: [(128, 64, 8, 3), (64, 32, 4, 3)],
              128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
-             256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)]},
+             256: [(32, 16, 8, 2), (32, 16, 4, 1), (64, 16, 8, 2)]},
 }
 
 
