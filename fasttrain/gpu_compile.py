@@ -23,8 +23,8 @@ on Triton 3.6 to 3.9, the versions fasttrain supports.
 
     python -m fasttrain.gpu_compile                   front end for every case, ptxas for a representative set
     python -m fasttrain.gpu_compile --ptxas all       ptxas for every case and kept config (slow)
-    options: --arch 90 --arch 80, --only attention|rope|cross_entropy, --json FILE, --table,
-             --markdown
+    options: --arch 90 --arch 80, --only attention|rope|cross_entropy, --match 'D16 ',
+             --json FILE, --table, --markdown
 """
 import argparse
 import contextlib
@@ -301,7 +301,8 @@ def resources(kernel):
 def problems(rec, arch):
     """What is wrong with one compiled launch (empty when it passes)."""
     if "error" in rec:  # a compiler message ends with the reason, after the source excerpt
-        return [rec["error"].splitlines()[0] + " " + rec["error"].strip().splitlines()[-1]]
+        lines = rec["error"].strip().splitlines()
+        return [lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"]
     if "regs" not in rec:  # front end only
         return []
     out = []
@@ -312,6 +313,19 @@ def problems(rec, arch):
     if arch == 90 and (rec["dot_rows"] or 0) >= 64 and (rec["HMMA"] or not rec["HGMMA"]):
         out.append(f"dots not all on warpgroup MMA ({rec['HGMMA']} HGMMA, {rec['HMMA']} HMMA)")
     return out
+
+
+def _message(e):
+    return f"{type(e).__name__}: {e}".strip()[-2000:]
+
+
+def _error_of(fn, *args):
+    """None when fn(*args) succeeds, else the exception's message."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 -- a compile error is a finding to report
+        return _message(e)
+    return None
 
 
 def run(arch, only=None, ptxas="representative", log=None, match=None):
@@ -348,14 +362,10 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
                                                     target)
                     key = src.hash()
                     if key not in front_errors:
-                        front_errors[key] = None
-                        try:
-                            front_end(src, options, backend, target)
-                        except Exception as e:  # noqa: BLE001 -- a finding to report
-                            front_errors[key] = f"{type(e).__name__}: {e}".strip()[-2000:]
-                    if front_errors[key]:
-                        raise RuntimeError(front_errors[key])
-                    if ptxas == "all" or (ptxas == "representative" and launch.representative):
+                        front_errors[key] = _error_of(front_end, src, options, backend, target)
+                    rec["error"] = front_errors[key]
+                    if not rec["error"] and (ptxas == "all" or (ptxas == "representative"
+                                                                 and launch.representative)):
                         full_key = (key, repr(sorted(options.__dict__.items())))
                         if full_key not in compiled:
                             t0 = time.time()
@@ -363,8 +373,9 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
                             compiled[full_key]["compile_s"] = round(time.time() - t0, 1)
                         rec.update(compiled[full_key])
                 except Exception as e:  # noqa: BLE001 -- every failure is a finding to report
-                    rec["error"] = str(e) if isinstance(e, RuntimeError) else \
-                        f"{type(e).__name__}: {e}".strip()[-2000:]
+                    rec["error"] = _message(e)
+                if not rec["error"]:
+                    del rec["error"]
                 rec["problems"] = problems(rec, arch)
                 results.append(rec)
                 if log and "regs" in rec:
