@@ -641,7 +641,7 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
     sizes = (max_seqlen_q, max_seqlen_k)
     tail = (window_left, window_right, softmax_scale, scale_in, scale_out,
             _seqlen_bucket(max_seqlen_q))
-    block_pre = 64
+    block_pre = 8192 // meta["BLOCK_D"] if meta["BLOCK_D"] > 128 else 64  # rows of out and dout
     _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, block_pre), n_heads_q, batch)](
         out, dout, delta, cu_q, max_seqlen_q, *_strides(out, varlen), *_strides(dout, varlen),
         *lse_strides, IS_VARLEN=varlen, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
