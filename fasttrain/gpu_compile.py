@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
@@ -53,7 +54,9 @@ SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
 # dots' row count: wgmma takes 64 rows per warpgroup, so a tile of fewer rows may use mma.sync.
 DOT_ROWS = {"_attn_fwd_kernel": "BLOCK_M", "_attn_bwd_dq_kernel": "BLOCK_M",
             "_attn_bwd_dkdv_kernel": "BLOCK_N"}
-_SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "STL", "LDL", "LDG", "STG")
+# SASS instructions counted per kernel: MMA kind, TMA and cp.async copies, spill stores, global
+# loads and stores (how wide the memory access is vectorised shows in their count)
+_SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "STL", "LDG", "STG")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +250,6 @@ def configs_of(kernel, args, kwargs):
 
 def _source(fn, args, kwargs, target):
     """(ASTSource, options) exactly as JITFunction.run would build them for this launch."""
-    from triton import knobs
     kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
     if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton >= 3.7
         kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
@@ -290,8 +292,7 @@ def resources(kernel):
     ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
     res = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-           "shared": kernel.metadata.shared,
-           "ptx_wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
+           "shared": kernel.metadata.shared}
     for op in _SASS_OPS:
         res[op] = sum(1 for name in ops if name == op)
     res["spill_stores"] = res.pop("STL")  # STL: store to local memory, which only spills use here
