@@ -9,8 +9,10 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from fasttrain.cli import CliError, add_dataclass_args, dataclass_from_args
+from fasttrain.cli import add_dataclass_args, check_ranges, dataclass_from_args
+from fasttrain.errors import FasttrainError
 from fasttrain.model import ModelConfig
+from fasttrain.tokenizer import MIN_VOCAB_SIZE
 from fasttrain.train import TrainConfig
 
 
@@ -18,12 +20,11 @@ from fasttrain.train import TrainConfig
 class TokenizerConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory; the tokenizer goes to <run>/tokenizer", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "text files or folders (default: the embedded corpus)"})
-    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size, including the 256 bytes and the special tokens"})
-    max_mb: float = field(default=0.0, metadata={"help": "train on at most this many MB of text; 0 = all"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size, including the 256 bytes and the special tokens", "range": (MIN_VOCAB_SIZE, None)})
+    max_mb: float = field(default=0.0, metadata={"help": "train on at most this many MB of text; 0 = all", "range": (0, None)})
 
     def __post_init__(self):
-        if self.vocab_size < 300:
-            raise ValueError(f"--vocab-size must be at least 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        check_ranges(self)
 
 
 def _commands():
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None):
     from fasttrain import evaluate, speedrun
     from fasttrain.parallel import init_distributed, shutdown_distributed
+    from fasttrain.rundir import claim_stage
     from fasttrain.stages import base, mid, sft
     from fasttrain.train import train
 
@@ -72,12 +74,11 @@ def run(argv=None):
         return
     info = init_distributed(getattr(configs[0], "device", "auto"))
     try:
-        if args.command == "base":
-            train(configs[0], base.plan(*configs, info), info)
-        elif args.command == "mid":
-            train(configs[0], mid.plan(*configs, info), info)
-        elif args.command == "sft":
-            train(configs[0], sft.plan(*configs, info), info)
+        if args.command in ("base", "mid", "sft"):
+            plan = {"base": base.plan, "mid": mid.plan, "sft": sft.plan}[args.command]
+            cfg = configs[0]
+            with claim_stage(cfg.run, args.command, info, resume=cfg.resume, overwrite=cfg.overwrite) as stage:
+                train(cfg, plan(*configs, info), info, stage)
         elif args.command == "eval":
             evaluate.run_eval(configs[0], info)
         elif args.command == "chat":
@@ -87,13 +88,16 @@ def run(argv=None):
 
 
 def main(argv=None):
-    # bad flags, bad data files and missing inputs are reported in one line (DataError and the
-    # config checks are ValueErrors); anything else is a bug and keeps its traceback
+    # what the user can fix (a bad flag or data file, a missing or busy stage, a full disk, a
+    # divergence, a signal) is one line and an exit code; anything else is a bug: a traceback
     try:
         run(argv)
-    except (CliError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except FasttrainError as e:
+        print(f"error: {e}" if e.exit_code == 2 else str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started: there is nothing to save yet
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.checkpoint import latest_checkpoint, load_model_weights, read_meta
-from fasttrain.cli import CliError
+from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
+from fasttrain.cli import check_ranges
 from fasttrain.data.loader import segments_of_rows
 from fasttrain.data.packing import pack_documents
+from fasttrain.errors import ConfigError, RunError
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.parallel import DistInfo
+from fasttrain.rundir import stage_dir
 from fasttrain.stages.common import corpus_documents, load_tokenizer
 
 STAGES = ("sft", "mid", "base")
@@ -26,8 +28,12 @@ class EvalConfig:
     stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
     data: list[str] = field(default_factory=list, metadata={"help": "the text the base stage trained on (its held-out part is scored)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    val_tokens: int = field(default=32768, metadata={"help": "held-out tokens to score"})
-    problems: int = field(default=20, metadata={"help": "test problems per generated task (chat stages)"})
+    val_tokens: int = field(default=32768, metadata={"help": "held-out tokens to score", "range": (1, None)})
+    problems: int = field(default=20, metadata={"help": "test problems per generated task (chat stages)", "range": (1, None)})
+
+    def __post_init__(self):
+        check_ranges(self)
+        _check_stage(self.stage)
 
 
 @dataclass
@@ -36,16 +42,26 @@ class ChatConfig:
     stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
     prompt: str = field(default="", metadata={"help": "one message to answer; empty = read messages from stdin, one per line"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest reply in tokens"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest reply in tokens", "range": (1, None)})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy", "range": (0, None)})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all", "range": (0, None)})
+    seed: int = field(default=0, metadata={"help": "sampling seed", "range": (0, 2**32 - 1)})
+
+    def __post_init__(self):
+        check_ranges(self)
+        _check_stage(self.stage)
+
+
+def _check_stage(stage: str):
+    if stage not in ("", *STAGES):
+        raise ConfigError(f"--stage must be empty (the latest stage with a checkpoint) or one of "
+                          f"{', '.join(reversed(STAGES))}; got {stage!r}")
 
 
 def load_model(run: str, stage: str, device: torch.device) -> tuple[GPT, str]:
     """A stage's latest weights in a plain (unsharded) model, for inference."""
     for name in ([stage] if stage else STAGES):
-        ckpt = latest_checkpoint(Path(run) / name)
+        ckpt = newest_checkpoint(stage_dir(run, name))
         if ckpt is not None:
             cfg = ModelConfig(**read_meta(ckpt)["model_config"])
             with torch.device("meta"):
@@ -54,7 +70,7 @@ def load_model(run: str, stage: str, device: torch.device) -> tuple[GPT, str]:
             model.init_rope()
             load_model_weights(ckpt, model)
             return model.eval(), name
-    raise CliError(f"no checkpoint of stage {stage or ' / '.join(STAGES)} in {run}: train it first")
+    raise RunError(f"no checkpoint of stage {stage or ' / '.join(STAGES)} in {run}: train it first")
 
 
 @torch.no_grad()
@@ -146,5 +162,8 @@ def run_chat(cfg: ChatConfig, info: DistInfo):
                              stop_id=tokenizer.special_id("<|assistant_end|>"), temperature=cfg.temperature,
                              top_k=cfg.top_k, generator=generator)
         reply = tokenizer.decode(reply_ids)
-        messages.append({"role": "assistant", "content": reply or " "})
+        if reply.strip():
+            messages.append({"role": "assistant", "content": reply})
+        else:  # a conversation cannot hold an empty turn: forget this exchange, keep talking
+            messages.pop()
         print(reply, flush=True)

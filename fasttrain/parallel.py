@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from fasttrain.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -31,9 +33,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda; got {name!r}")
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
 
 
@@ -77,5 +79,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier():
     dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (any picklable value) on every rank: decisions taken on rank 0 (what is
+    in the run folder, whether a file write worked) reach the others, so all ranks act alike."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -6,12 +6,16 @@ The same stages, with the same code, scale up through the individual commands an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttrain.cli import check_ranges
+from fasttrain.errors import ConfigError
 from fasttrain.model import ModelConfig
+from fasttrain.tokenizer import MIN_VOCAB_SIZE
 from fasttrain.train import TrainConfig
 
 
@@ -19,15 +23,22 @@ from fasttrain.train import TrainConfig
 class SpeedrunConfig:
     run: str = field(default="runs/speedrun", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    depth: int = field(default=2, metadata={"help": "model depth (width = 64 x depth)"})
-    vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary"})
-    tokenizer_mb: float = field(default=8.0, metadata={"help": "MB of corpus the tokenizer trains on"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per row"})
-    batch_tokens: int = field(default=4096, metadata={"help": "tokens per optimizer step"})
-    base_steps: int = field(default=120, metadata={"help": "base pretraining steps"})
-    mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)"})
-    sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)"})
-    seed: int = field(default=1337, metadata={"help": "seed"})
+    depth: int = field(default=2, metadata={"help": "model depth (width = 64 x depth)", "range": (1, None)})
+    vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary", "range": (MIN_VOCAB_SIZE, None)})
+    tokenizer_mb: float = field(default=8.0, metadata={"help": "MB of corpus the tokenizer trains on; 0 = all", "range": (0, None)})
+    seq_len: int = field(default=256, metadata={"help": "tokens per row", "range": (1, None)})
+    batch_tokens: int = field(default=4096, metadata={"help": "tokens per optimizer step", "range": (1, None)})
+    base_steps: int = field(default=120, metadata={"help": "base pretraining steps (0 = the token budget)", "range": (0, None)})
+    mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)", "range": (0, None)})
+    sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)", "range": (0, None)})
+    seed: int = field(default=1337, metadata={"help": "seed", "range": (0, 2**32 - 1)})
+    overwrite: bool = field(default=False, metadata={"help": "if the run folder holds an earlier speedrun, move its stages aside and start again"})
+
+    def __post_init__(self):
+        check_ranges(self)
+        # checked here too (the stages check it again) so a bad pair fails before the tokenizer trains
+        if self.batch_tokens % self.seq_len:
+            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be a multiple of --seq-len ({self.seq_len})")
 
 
 PROMPTS = ["Who are you?", "What is 3 plus 4?", "Spell the word python.", "Hello!"]
@@ -42,31 +53,39 @@ def stage_losses(metrics_path: Path, k: int = 5) -> tuple[float, float]:
 def speedrun(cfg: SpeedrunConfig):
     from fasttrain.__main__ import TokenizerConfig
     from fasttrain.evaluate import generate, load_model, run_eval, EvalConfig
-    from fasttrain.parallel import init_distributed, shutdown_distributed
+    from fasttrain.parallel import barrier, init_distributed, shutdown_distributed
+    from fasttrain.rundir import claim_stage
     from fasttrain.stages import base, mid, sft
     from fasttrain.stages.common import load_tokenizer, train_tokenizer
     from fasttrain.train import train
 
-    timings = {}
-    t0 = time.perf_counter()
-    train_tokenizer(TokenizerConfig(run=cfg.run, vocab_size=cfg.vocab_size, max_mb=cfg.tokenizer_mb))
-    timings["tokenizer"] = time.perf_counter() - t0
-
     info = init_distributed(cfg.device)
     try:
-        common = dict(run=cfg.run, device=cfg.device, seed=cfg.seed, seq_len=cfg.seq_len,
-                      batch_tokens=cfg.batch_tokens, micro_batch=cfg.batch_tokens // cfg.seq_len, log_every=10)
-        stages = [
-            ("base", lambda tc: base.plan(tc, ModelConfig(depth=cfg.depth, max_seq_len=cfg.seq_len), base.BaseConfig(), info),
-             cfg.base_steps),
-            ("mid", lambda tc: mid.plan(tc, mid.MidConfig(), info), cfg.mid_steps),
-            ("sft", lambda tc: sft.plan(tc, sft.SFTConfig(), info), cfg.sft_steps),
-        ]
-        for name, make_plan, steps in stages:
+        with contextlib.ExitStack() as claims:
+            # every stage is claimed before anything is trained: a run folder holding an earlier
+            # speedrun fails here, before its tokenizer is replaced (--overwrite moves the stages aside)
+            claimed = {name: claims.enter_context(claim_stage(cfg.run, name, info, overwrite=cfg.overwrite))
+                       for name in ("base", "mid", "sft")}
+            timings = {}
             t0 = time.perf_counter()
-            train_cfg = TrainConfig(max_steps=steps, **common)
-            train(train_cfg, make_plan(train_cfg), info)
-            timings[name] = time.perf_counter() - t0
+            if info.is_main:
+                train_tokenizer(TokenizerConfig(run=cfg.run, vocab_size=cfg.vocab_size, max_mb=cfg.tokenizer_mb))
+            barrier()
+            timings["tokenizer"] = time.perf_counter() - t0
+
+            common = dict(run=cfg.run, device=cfg.device, seed=cfg.seed, seq_len=cfg.seq_len,
+                          batch_tokens=cfg.batch_tokens, micro_batch=cfg.batch_tokens // cfg.seq_len, log_every=10)
+            stages = [
+                ("base", lambda tc: base.plan(tc, ModelConfig(depth=cfg.depth, max_seq_len=cfg.seq_len), base.BaseConfig(), info),
+                 cfg.base_steps),
+                ("mid", lambda tc: mid.plan(tc, mid.MidConfig(), info), cfg.mid_steps),
+                ("sft", lambda tc: sft.plan(tc, sft.SFTConfig(), info), cfg.sft_steps),
+            ]
+            for name, make_plan, steps in stages:
+                t0 = time.perf_counter()
+                train_cfg = TrainConfig(max_steps=steps, **common)
+                train(train_cfg, make_plan(train_cfg), info, claimed[name])
+                timings[name] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         base_result = run_eval(EvalConfig(run=cfg.run, stage="base", device=cfg.device), info)

@@ -25,13 +25,17 @@ for text that spells one ("<|bos|>" is ordinary text); specials enter only throu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numba
 import numpy as np
+
+from fasttrain.errors import DataError, RunError
 
 # nanochat's variant of the GPT-4 (cl100k) pattern: numbers split into groups of at most 2 digits
 # (cl100k: 3), which spends fewer tokens of a small vocabulary on numbers.
@@ -53,6 +57,7 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 TOKENIZER_FILE = "tokenizer.json"
 _FORMAT = "fasttrain-bpe"
 _VERSION = 1
+MIN_VOCAB_SIZE = 300  # the 256 bytes, the special tokens and a few merges: the command line's floor
 _BATCH_BYTES = 64 << 20  # documents are split and counted in batches of about this many bytes
 
 
@@ -743,10 +748,10 @@ class Tokenizer:
                              "bytes and special tokens; choose a larger vocab_size")
         merges = train_bpe(texts, n_merges, pattern)
         if len(merges) < n_merges:
-            raise ValueError(f"the training text has only enough distinct pairs for "
-                             f"{len(merges)} merges, {n_merges} needed for vocab_size={vocab_size}; "
-                             f"give more text or use vocab_size <= "
-                             f"{256 + len(SPECIAL_TOKENS) + len(merges)}")
+            raise DataError(f"the training text has only enough distinct pairs for "
+                            f"{len(merges)} merges, {n_merges} needed for vocab_size={vocab_size}; "
+                            f"give more text or use vocab_size <= "
+                            f"{256 + len(SPECIAL_TOKENS) + len(merges)}")
         return cls(merges, pattern)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -756,10 +761,19 @@ class Tokenizer:
         path = directory / TOKENIZER_FILE
         data = {"format": _FORMAT, "version": _VERSION, "pattern": self.pattern,
                 "special_tokens": list(SPECIAL_TOKENS), "merges": [list(m) for m in self.merges]}
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits naming what the tokenizer does (its pattern, merges and special tokens):
+        the same after save and load, different for a retrained tokenizer with other merges.
+        Token caches and checkpoints record it, to notice a tokenizer changed under them."""
+        canonical = json.dumps({"pattern": self.pattern, "special_tokens": list(SPECIAL_TOKENS),
+                                "merges": [list(m) for m in self.merges]}, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -767,28 +781,35 @@ class Tokenizer:
         path = Path(directory)
         if path.is_dir():
             path = path / TOKENIZER_FILE
+        # a missing or damaged file is a problem of the run folder, reported as a RunError
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer here; train one first (Tokenizer.train "
-                                    "then save) or pass the directory it was saved to")
+            raise RunError(f"{path}: no tokenizer here; train one first (`python -m fasttrain "
+                           "tokenizer`, or Tokenizer.train then save) or pass the folder it was saved to")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a tokenizer file ({e}); re-save the tokenizer") from e
+            raise RunError(f"{path}: not a tokenizer file ({e}); train the tokenizer again") from e
+        except OSError as e:
+            raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from e
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a fasttrain tokenizer (missing \"format\": \"{_FORMAT}\")")
+            raise RunError(f"{path}: not a fasttrain tokenizer (missing \"format\": \"{_FORMAT}\")")
         if data.get("version") != _VERSION:
-            raise ValueError(f"{path}: tokenizer file version {data.get('version')!r}, this code "
-                             f"reads version {_VERSION}; re-train or use a matching fasttrain")
+            raise RunError(f"{path}: tokenizer file version {data.get('version')!r}, this code "
+                           f"reads version {_VERSION}; re-train or use a matching fasttrain")
         if data.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: special tokens {data.get('special_tokens')!r} differ from "
-                             f"{list(SPECIAL_TOKENS)}; re-train the tokenizer")
+            raise RunError(f"{path}: special tokens {data.get('special_tokens')!r} differ from "
+                           f"{list(SPECIAL_TOKENS)}; re-train the tokenizer")
         merges = data.get("merges")
         if not isinstance(merges, list) or not all(isinstance(m, list) for m in merges):
-            raise ValueError(f"{path}: \"merges\" must be a list of [left, right] id pairs")
+            raise RunError(f"{path}: \"merges\" must be a list of [left, right] id pairs; "
+                           "train the tokenizer again")
+        pattern = data.get("pattern", SPLIT_PATTERN)
+        if not isinstance(pattern, str):
+            raise RunError(f"{path}: \"pattern\" must be a string (the split regex); train the tokenizer again")
         try:
-            return cls([tuple(m) for m in merges], data.get("pattern", SPLIT_PATTERN))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            return cls([tuple(m) for m in merges], pattern)
+        except ValueError as e:  # the merges themselves are damaged
+            raise RunError(f"{path}: {e}; train the tokenizer again") from e
 
     # -- encoding
     @property
@@ -868,41 +889,62 @@ class Tokenizer:
         return ids + [self.special_tokens["<|assistant_start|>"]]
 
 
-def _validated_turns(messages: Sequence[dict], ending: str) -> list[tuple[str, str]]:
-    """(role, text) per turn after checking the shape; a leading system message joins turn 0."""
+class ConversationError(ValueError):
+    """A chat that breaks the rules of `check_conversation`; the message says which message and why.
+
+    A ValueError: called with a bad chat, the renderers have a bug in their caller. Readers of
+    chat files call `check_conversation` themselves and report the file and line instead."""
+
+
+def check_conversation(messages: Sequence[dict], ending: str = "assistant") -> None:
+    """Raise ConversationError unless `messages` is a chat the renderers take: a non-empty list of
+    {"role", "content"} dicts with non-blank string content; an optional first "system" message;
+    then "user" and "assistant" alternating, starting with "user" and ending with `ending`
+    ("assistant" for training, where the reply is what is scored; "user" for a sampling prompt).
+
+    The one place these rules live: `render_conversation` and `render_prompt` call it, and so do
+    the chat file readers (fasttrain/data/sources.py), so a bad record is reported with its file
+    and line when the data is read, not as a crash halfway through training."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("a conversation is a non-empty list of {\"role\", \"content\"} messages")
+        raise ConversationError("a conversation is a non-empty list of {\"role\", \"content\"} messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise ValueError(f"message {i} is {m!r}; each message is a dict with \"role\" and a "
-                             "string \"content\"")
+            raise ConversationError(f"message {i} is {m!r}; each message is a dict with \"role\" and a "
+                                    "string \"content\"")
         if not m["content"].strip():
-            raise ValueError(f"message {i} ({m['role']}) has empty content; give it text or drop "
-                             "the message")
-    system = None
-    first = 0
-    if messages[0]["role"] == "system":
-        system, first = messages[0]["content"], 1
-    turns = []
+            raise ConversationError(f"message {i} ({m['role']}) has empty content; give it text or drop "
+                                    "the message")
+    first = 1 if messages[0]["role"] == "system" else 0
     for i in range(first, len(messages)):
         role = messages[i]["role"]
         want = "user" if (i - first) % 2 == 0 else "assistant"
         if role != want:
-            where = "only the first message may be system" if role == "system" else (
-                "roles must alternate user/assistant, starting with user")
-            raise ValueError(f"message {i} has role {role!r}, expected {want!r}: {where}")
-        turns.append((role, messages[i]["content"]))
-    if not turns:
-        raise ValueError("the conversation has a system message but no user message; add one")
-    if turns[-1][0] != ending:
-        what = ("render_conversation needs a chat ending with an assistant message (a trailing "
-                "user turn has nothing to score); drop it, or use render_prompt to sample"
+            if role == "system":
+                where = "only the first message may be system"
+            elif i == first:
+                where = (f"a conversation starts with a user message{' after the system message' if first else ''}; "
+                         "add the user turn the reply answers, or drop this message")
+            else:
+                where = "roles must alternate user/assistant, starting with user; merge or drop the repeated turn"
+            raise ConversationError(f"message {i} has role {role!r}, expected {want!r}: {where}")
+    if first == len(messages):
+        raise ConversationError("the conversation has a system message but no user message; add one")
+    last = messages[-1]["role"]
+    if last != ending:
+        what = ("training needs a conversation ending with an assistant message (a trailing user turn "
+                "has nothing to score); add the assistant's reply or drop the last user turn"
                 if ending == "assistant" else
-                "render_prompt needs a chat ending with a user message (the model answers it)")
-        raise ValueError(f"message {len(messages) - 1} is the last and has role "
-                         f"{turns[-1][0]!r}: {what}")
-    if system is not None:
-        turns[0] = ("user", system + "\n\n" + turns[0][1])
+                "a sampling prompt needs a conversation ending with a user message (the model answers it)")
+        raise ConversationError(f"message {len(messages) - 1} is the last and has role {last!r}: {what}")
+
+
+def _validated_turns(messages: Sequence[dict], ending: str) -> list[tuple[str, str]]:
+    """(role, text) per turn after `check_conversation`; a leading system message joins turn 0."""
+    check_conversation(messages, ending)
+    first = 1 if messages[0]["role"] == "system" else 0
+    turns = [(m["role"], m["content"]) for m in messages[first:]]
+    if first:
+        turns[0] = ("user", messages[0]["content"] + "\n\n" + turns[0][1])
     return turns
 
 

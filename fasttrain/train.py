@@ -14,47 +14,57 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from fasttrain.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from fasttrain.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from fasttrain.cli import check_ranges
 from fasttrain.data.loader import PackedLoader
 from fasttrain.data.packing import packing_backend
+from fasttrain.errors import ConfigError, Diverged, Interrupted, RunError, file_system
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.optim import build_optimizers
-from fasttrain.parallel import DistInfo, all_reduce_sum, apply_fsdp
+from fasttrain.parallel import DistInfo, all_reduce_max, all_reduce_sum, apply_fsdp
+from fasttrain.rundir import Stage, tokenizer_dir
 
 
 @dataclass
 class TrainConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory; each stage writes <run>/<stage>/", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "data files or folders (default: the embedded corpus / generated tasks)"})
-    max_steps: int = field(default=0, metadata={"help": "the stage's length in optimizer steps (the LR schedule spans it); 0 = the stage's own budget"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per row"})
-    batch_tokens: int = field(default=8192, metadata={"help": "tokens per optimizer step over all ranks (gradient accumulation fills it)"})
-    micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward on one rank"})
-    lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the hidden matrices"})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate for the embedding (scaled by 1/sqrt(width/768))"})
-    head_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate for the LM head (scaled by 1/sqrt(width/768))"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables"})
+    max_steps: int = field(default=0, metadata={"help": "the stage's length in optimizer steps (the LR schedule spans it); 0 = the stage's own budget", "range": (0, None)})
+    seq_len: int = field(default=256, metadata={"help": "tokens per row", "range": (1, None)})
+    batch_tokens: int = field(default=8192, metadata={"help": "tokens per optimizer step over all ranks (gradient accumulation fills it)", "range": (1, None)})
+    micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward on one rank", "range": (1, None)})
+    lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the hidden matrices", "range": (0, None)})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate for the embedding (scaled by 1/sqrt(width/768))", "range": (0, None)})
+    head_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate for the LM head (scaled by 1/sqrt(width/768))", "range": (0, None)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": (0, None)})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables", "range": (0, None)})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    seed: int = field(default=1337, metadata={"help": "seed for initialisation and data order"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue this stage from its latest checkpoint"})
-    log_every: int = field(default=1, metadata={"help": "print a progress line every N steps"})
+    seed: int = field(default=1337, metadata={"help": "seed for initialisation and data order", "range": (0, 2**32 - 1)})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)", "range": (0, None)})
+    resume: bool = field(default=False, metadata={"help": "continue this stage from its newest intact checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start the stage afresh even if it holds a run: the old one is moved aside to <run>/<stage>.old-<k>"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints of the stage (0 = all)", "range": (0, None)})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many bad steps in a row (non-finite loss or gradients: update skipped; or loss worse than a uniform guess)", "range": (1, None)})
+    log_every: int = field(default=1, metadata={"help": "print a progress line every N steps", "range": (1, None)})
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_tokens", "micro_batch", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self)
         if self.batch_tokens % self.seq_len:
-            raise ValueError(f"--batch-tokens ({self.batch_tokens}) must be a multiple of --seq-len ({self.seq_len})")
+            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be a multiple of --seq-len ({self.seq_len})")
+        if self.rows_per_step() % self.micro_batch:
+            raise ConfigError(f"--batch-tokens / --seq-len = {self.rows_per_step()} rows per step, which --micro-batch "
+                              f"({self.micro_batch}) must divide; change one of them")
 
     def rows_per_step(self) -> int:
         return self.batch_tokens // self.seq_len
@@ -143,28 +153,60 @@ def progress_line(stage: str, step: int, total: int, loss: float, lr: float, tok
             f"lr x{lr:.3f}  {tok_s / 1e3:.1f}k tok/s  MFU {mfu_s}")
 
 
-def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> GPT:
-    stage_dir = Path(cfg.run) / plan.name
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask the loop to stop: it finishes the step, saves a
+    checkpoint and exits 143 / 130. Every rank stops after the same step: the ranks agree on
+    the request once per step (a 1-element all-reduce), whichever rank saw the signal first.
+    Repeats of the signal are ignored (torchrun forwards a Ctrl-C that the workers also got);
+    SIGKILL or Ctrl-\\ stops at once."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.signum, self._previous = 0, {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal number any rank received so far (0 = none)."""
+        return int(all_reduce_max(torch.tensor(self.signum, device=device)))
+
+
+def _json_number(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # strict JSON has no NaN or Infinity
+
+
+def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GPT:
+    """Run `plan` in the claimed stage folder (see rundir.claim_stage) to its last step."""
     model = build_model(plan.model_config, info, cfg.seed)
     optimizers = build_optimizers(model, cfg.lr, cfg.embedding_lr, cfg.head_lr, cfg.weight_decay)
 
     step = 0
-    resume_from = latest_checkpoint(stage_dir) if cfg.resume else None
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizers, info)
+    if stage.resume_from is not None:
+        meta = load_checkpoint(stage.resume_from, model, optimizers, info)
+        if meta.get("tokenizer") != plan.extra_meta.get("tokenizer"):
+            raise RunError(f"{stage.resume_from} was trained with another tokenizer than the one in "
+                           f"{tokenizer_dir(cfg.run)} now; restore that tokenizer, or --overwrite to start the stage afresh")
         plan.loader.load_state_dict(meta["data_cursor"])
         step = meta["step"]
         if info.is_main:
-            print(f"{plan.name}: resumed from {resume_from} at step {step}", file=sys.stderr)
+            print(f"{plan.name}: resumed from {stage.resume_from} at step {step}", file=sys.stderr)
     elif plan.init_from is not None:
         load_model_weights(plan.init_from, model)
-    metrics_path = stage_dir / "metrics.jsonl"
     if info.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run rewrites the curve from its checkpoint on; a fresh run starts a new file
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step] if (
-            resume_from is not None and metrics_path.exists()) else []
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        with file_system(f"cannot write {stage.metrics}"):
+            # a resumed run rewrites the curve from its checkpoint on; a fresh run starts a new file
+            kept = [l for l in stage.metrics.read_text().splitlines() if json.loads(l)["step"] <= step] if (
+                step and stage.metrics.exists()) else []
+            stage.metrics.write_text("".join(l + "\n" for l in kept))
 
     last_step = plan.total_steps
     if info.is_main:
@@ -175,38 +217,70 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> GPT:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
                 else contextlib.nullcontext())
     meta = {"stage": plan.name, "config": asdict(cfg), "model_config": asdict(plan.model_config), **plan.extra_meta}
+    # a step is bad when its loss or gradient norm is not finite (its update is skipped), or when
+    # its loss is worse than guessing uniformly over the vocabulary by a nat (diverging)
+    worse_than_uniform = math.log(plan.model_config.vocab_size) + 1.0
+    bad_in_a_row, bad_total = 0, 0
+    last_good = stage.resume_from  # the checkpoint to go back to if the run diverges
 
-    while step < last_step:
-        t0 = time.perf_counter()
-        batches = [b.to(info.device) for b in plan.loader.next_step()]
-        with autocast:
-            loss_total, n_scored = accumulate_gradients(model, batches, info.world_size)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        multiplier = plan.lr_schedule(step, plan.total_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step += 1
+    with StopSignals() as stop:
+        while step < last_step:
+            t0 = time.perf_counter()
+            batches = [b.to(info.device) for b in plan.loader.next_step()]
+            with autocast:
+                loss_total, n_scored = accumulate_gradients(model, batches, info.world_size)
+            grad_norm = clip_grad_norm(model, cfg.grad_clip)
+            loss_value = loss_total.item()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            multiplier = plan.lr_schedule(step, plan.total_steps)
+            if finite:
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = group["initial_lr"] * multiplier
+                    opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            bad = not finite or loss_value > worse_than_uniform
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            bad_total += bad
 
-        loss_value = loss_total.item()
-        dt = time.perf_counter() - t0
-        tokens_per_s = cfg.batch_tokens / dt
-        mfu = tokens_per_s * flops_per_token / (peak * info.world_size) if peak else None
-        if info.is_main:
-            record = {"step": step, "loss": loss_value, "lr": multiplier, "tokens_per_s": tokens_per_s,
-                      "scored_tokens": int(n_scored.item()), "utilization": plan.loader.last_stats.get("utilization")}
-            if mfu is not None:
-                record["mfu"] = mfu
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % cfg.log_every == 0 or step == last_step:
-                print(progress_line(plan.name, step, last_step, loss_value, multiplier, tokens_per_s, mfu),
-                      file=sys.stderr, flush=True)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{plan.name}: loss became {loss_value} at step {step}; lower --lr")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last_step:
-            save_checkpoint(stage_dir, step, model, optimizers, {**meta, "data_cursor": plan.loader.state_dict()}, info)
+            dt = time.perf_counter() - t0
+            tokens_per_s = cfg.batch_tokens / dt
+            mfu = tokens_per_s * flops_per_token / (peak * info.world_size) if peak else None
+            if info.is_main:
+                record = {"step": step, "loss": _json_number(loss_value), "grad_norm": _json_number(grad_norm),
+                          "lr": multiplier, "tokens_per_s": tokens_per_s, "scored_tokens": int(n_scored.item()),
+                          "utilization": plan.loader.last_stats.get("utilization"), "skipped": not finite,
+                          "bad_steps": bad_total}
+                if mfu is not None:
+                    record["mfu"] = mfu
+                with file_system(f"cannot write {stage.metrics}"), stage.metrics.open("a") as f:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
+                if step % cfg.log_every == 0 or step == last_step or bad:
+                    print(progress_line(plan.name, step, last_step, loss_value, multiplier, tokens_per_s, mfu)
+                          + ("  (non-finite: update skipped)" if not finite else ""), file=sys.stderr, flush=True)
+            if bad_in_a_row >= cfg.max_bad_steps:
+                what = "loss or gradient norm not finite" if not finite else f"loss above {worse_than_uniform:.2f}, worse than a uniform guess"
+                back = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
+                raise Diverged(f"{plan.name}: {bad_in_a_row} bad steps in a row, up to step {step} ({what}); "
+                               f"{back}. Lower the learning rates (now --lr {cfg.lr:g} --embedding-lr {cfg.embedding_lr:g} "
+                               f"--head-lr {cfg.head_lr:g}) and start again, or raise --max-bad-steps")
+            signum = stop.agreed(info.device) if step < last_step else 0
+            due = cfg.save_every and step % cfg.save_every == 0 and bad_in_a_row == 0
+            if signum or due or step == last_step:
+                last_good = save_checkpoint(stage.path, step, model, optimizers,
+                                            {**meta, "data_cursor": plan.loader.state_dict()}, info,
+                                            keep=cfg.keep_checkpoints)
+            if signum:
+                name = signal.Signals(signum).name
+                raise Interrupted(f"{plan.name}: stopped by {name} after step {step}; saved {last_good} "
+                                  f"(continue with --resume)", signum)
     return model
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()

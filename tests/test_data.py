@@ -138,7 +138,7 @@ def test_shard_round_trip(tmp_path):
     write_shard(tmp_path / "big.bin", big, vocab_size=100_000)
     assert TokenShard(tmp_path / "big.bin").tokens.dtype == np.uint32
     assert list(TokenShard(tmp_path / "big.bin")[0]) == [0, 70_000, 99_999]
-    with pytest.raises(ValueError, match="document 0 has token id 1000"):
+    with pytest.raises(DataError, match="document 0 has token id 1000"):
         write_shard(tmp_path / "x.bin", [[1000]], vocab_size=1000)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.data.loader import MicroBatch
+from fasttrain.errors import ConfigError
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig, count_params
 from fasttrain.optim import Muon, zeropower_via_newtonschulz5
 from fasttrain.parallel import init_distributed
@@ -43,7 +44,7 @@ def test_depth_dial_and_param_count():
         C, D, H, Hkv = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head
         by_hand = 2 * 101 * C + 3 * (C * H * D * 2 + C * Hkv * D * 2 + 2 * 4 * C * C)
         assert model.num_params() == count_params(cfg) == by_hand
-    with pytest.raises(ValueError, match="multiple of --n-kv-head"):
+    with pytest.raises(ConfigError, match="multiple of --n-kv-head"):
         ModelConfig(depth=2, n_head=4, n_kv_head=3)
 
 

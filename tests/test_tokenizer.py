@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import regex
 
+from fasttrain.errors import DataError, RunError
 from fasttrain.tokenizer import (CL100K_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer,
                                  chunk_counts, render_conversation, split_text, train_bpe)
 
@@ -107,7 +108,7 @@ def test_train_vocab_size_and_errors(tok):
     assert tok.bos_id == tok.special_id("<|bos|>")
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(["hello"], 100)
-    with pytest.raises(ValueError, match="only enough distinct pairs"):
+    with pytest.raises(DataError, match="only enough distinct pairs"):
         Tokenizer.train(["abc abc"], 256 + N_SPECIAL + 50)
     with pytest.raises(KeyError, match="not a special token"):
         tok.special_id("<|eos|>")
@@ -191,12 +192,12 @@ def test_save_load(tok, tmp_path):
     data = json.loads(path.read_text())
     data["merges"][3] = [5, 10_000]
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"tokenizer.json: merge 3 is \(5, 10000\)"):
+    with pytest.raises(RunError, match=r"tokenizer.json: merge 3 is \(5, 10000\)"):
         Tokenizer.load(tmp_path / "tokenizer")
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="not a tokenizer file"):
+    with pytest.raises(RunError, match="not a tokenizer file"):
         Tokenizer.load(tmp_path / "tokenizer")
-    with pytest.raises(FileNotFoundError, match="no tokenizer here"):
+    with pytest.raises(RunError, match="no tokenizer here"):
         Tokenizer.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="already token"):
         Tokenizer([(97, 98), (97, 98)])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fasttrain.data.packing import pack_documents
+from fasttrain.errors import ConfigError, DataError
 from fasttrain.model import IGNORE_INDEX
 
 
@@ -54,10 +55,10 @@ class PackedLoader:
         """docs: a sequence of 1-D token arrays, each starting with BOS; masks: aligned 0/1 arrays
         (0 = predicting this token is not scored) or None (every token scored)."""
         if len(docs) == 0:
-            raise ValueError("no documents to train on: the data is empty")
+            raise DataError("no documents to train on: the data is empty; check the --data paths")
         if rows_per_step % (world_size * micro_batch_rows):
-            raise ValueError(f"rows per step ({rows_per_step}) must be a multiple of world size ({world_size}) "
-                             f"x micro-batch rows ({micro_batch_rows}); adjust --batch-tokens or --micro-batch")
+            raise ConfigError(f"rows per step ({rows_per_step}) must be a multiple of world size ({world_size}) "
+                              f"x micro-batch rows ({micro_batch_rows}); adjust --batch-tokens or --micro-batch")
         self.docs, self.masks, self.seq_len = docs, masks, seq_len
         self.rows_per_step, self.micro_batch_rows = rows_per_step, micro_batch_rows
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -7,16 +7,21 @@ File layout (little-endian):
     offset 64  document offsets: (num_docs + 1) x u64; document i is tokens[off[i]:off[i+1]]
     then       tokens: num_tokens x uint16 (vocab_size <= 65536) or uint32
 
-Shards are written to a temporary file and renamed, so a shard on disk is always complete.
+Shards are written to a temporary file of a name no other writer uses, then renamed over the
+shard, so a shard on disk is always complete, however many processes write it at once, and a
+process reading the old shard (memory-mapped) keeps reading it intact.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from fasttrain.errors import DataError
 
 MAGIC = b"FTSHARD\0"
 VERSION = 1
@@ -24,7 +29,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, num_tokens, num_docs
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard file that is not a complete fasttrain shard; the message names the file."""
 
 
@@ -33,6 +38,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size < 1:
         raise ValueError(f"vocab_size={vocab_size}; it must be positive")
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def temp_path(path: Path) -> Path:
+    """A name next to path that no other writer uses (process id and random digits): a file is
+    written there whole, then renamed over path."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_shard(path: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_size: int) -> Path:
@@ -44,20 +55,24 @@ def write_shard(path: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_si
         a = np.asarray(doc, dtype=np.int64).reshape(-1)
         if a.size and (a.min() < 0 or a.max() >= vocab_size):
             bad = a[(a < 0) | (a >= vocab_size)][0]
-            raise ValueError(f"{path}: document {i} has token id {bad}, outside 0..{vocab_size - 1}"
-                             " (vocab_size); tokenize with the matching tokenizer")
+            raise DataError(f"{path}: document {i} has token id {bad}, outside 0..{vocab_size - 1}"
+                            " (vocab_size); tokenize with the matching tokenizer")
         arrays.append(a.astype(dtype))
     offsets = np.zeros(len(arrays) + 1, dtype="<u8")
     np.cumsum([a.size for a in arrays], out=offsets[1:])
     header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, int(offsets[-1]), len(arrays))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.ljust(HEADER_BYTES, b"\0"))
-        f.write(offsets.tobytes())
-        for a in arrays:
-            f.write(a.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(header.ljust(HEADER_BYTES, b"\0"))
+            f.write(offsets.tobytes())
+            for a in arrays:
+                f.write(a.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -154,7 +169,7 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLi
         encode(batch)
     if docs or not paths:
         if not docs:
-            raise ValueError("no documents to tokenize; check the text paths")
+            raise DataError("no documents to tokenize; check the text paths")
         flush()
     return paths
 

@@ -3,7 +3,9 @@
 Formats, chosen by file suffix:
   - text (.txt .md .rst .py and any other suffix not below): the whole file is one document.
     Text files are read as UTF-8 with errors="replace": a byte that is not UTF-8 becomes U+FFFD
-    (source trees and web dumps hold a few such bytes; failing on them helps no one).
+    (source trees and web dumps hold a few such bytes; failing on them helps no one). A file that
+    looks binary (NUL bytes, or mostly not UTF-8, in its first 8 KB: an image, an archive, a
+    compiled file in a corpus folder) is skipped with a warning on stderr.
   - .jsonl: one JSON object per line with a string "text" field; blank lines are skipped.
   - .parquet: a string column "text" (the FineWeb layout); needs pyarrow (`pip install pyarrow`).
 Chat and task files are JSONL and strict: any line that is not what it should be is a
@@ -13,15 +15,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from fasttrain.errors import DataError  # re-exported: `from fasttrain.data.sources import DataError` works
+from fasttrain.tokenizer import ConversationError, check_conversation
+
 PathLike = str | os.PathLike
 
 
-class DataError(ValueError):
-    """Input data that cannot be used as it is; the message names the file, line and the fix."""
+def source_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    """The files `iter_documents` reads, in its order: files as given, folders expanded
+    recursively in sorted order (hidden files left out)."""
+    return _paths(paths)
 
 
 def _paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -98,9 +106,30 @@ def _parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
         raise DataError(f"{path}: no rows; remove the file or fill it")
 
 
+_SNIFF_BYTES = 8192
+_warned_binary: set[Path] = set()  # warn once per file, however often a process reads the corpus
+
+
+def _binary_reason(data: bytes) -> str | None:
+    """Why the start of a file looks binary rather than text, or None if it looks like text."""
+    head = data[:_SNIFF_BYTES]
+    if b"\0" in head:
+        return "NUL bytes"
+    # text in another encoding (Latin-1, say) has a few bytes that are not UTF-8; most of them
+    # not being UTF-8 means it is not text at all
+    if head and head.decode("utf-8", errors="replace").count("\ufffd") > len(head) // 4:
+        return "mostly not UTF-8"
+    return None
+
+
 def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
-    """Every document under paths (files or folders, folders recursively in sorted order)."""
-    for path in _paths(paths):
+    """Every document under paths (files or folders, folders recursively in sorted order).
+
+    A text file that looks binary is skipped with one warning line on stderr; if every file is
+    skipped there is nothing to train on, which is a DataError."""
+    files = _paths(paths)
+    skipped = 0
+    for path in files:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             for lineno, obj in _jsonl(path):
@@ -108,7 +137,19 @@ def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
         elif suffix == ".parquet":
             yield from _parquet_texts(path)
         else:
-            yield path.read_bytes().decode("utf-8", errors="replace")
+            data = path.read_bytes()
+            reason = _binary_reason(data)
+            if reason is None:
+                yield data.decode("utf-8", errors="replace")
+                continue
+            skipped += 1
+            if path not in _warned_binary:
+                _warned_binary.add(path)
+                print(f"warning: {path} looks binary ({reason}); skipped", file=sys.stderr, flush=True)
+    if files and skipped == len(files):
+        shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"every file given looks binary, so there is no text to train on ({shown}); "
+                        "point --data at text, JSONL or Parquet files")
 
 
 def default_corpus_files() -> list[Path]:
@@ -130,20 +171,17 @@ def default_corpus_files() -> list[Path]:
 
 
 # --- conversations ----------------------------------------------------------------------------
-_ROLES = ("system", "user", "assistant")
 
 
 def _messages(path: Path, lineno: int, messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{path}:{lineno}: \"messages\" must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if (not isinstance(m, dict) or m.get("role") not in _ROLES
-                or not isinstance(m.get("content"), str)):
-            raise DataError(f"{path}:{lineno}: message {i} is {m!r}; each message needs \"role\" "
-                            f"(one of {_ROLES}) and a string \"content\"")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    """The conversation of one line, checked by the rules the tokenizer renders it by (a user turn
+    first, user/assistant alternating, an assistant reply last, no empty message), so a bad line
+    is reported here with its file and line rather than when training reaches it."""
+    try:
+        check_conversation(messages, ending="assistant")
+    except ConversationError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def iter_conversations(path: PathLike) -> Iterator[list[dict]]:

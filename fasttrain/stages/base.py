@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from fasttrain.cli import check_ranges
 from fasttrain.data.loader import PackedLoader
 from fasttrain.model import ModelConfig, count_params
 from fasttrain.parallel import DistInfo
@@ -16,16 +17,13 @@ from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
 
 @dataclass
 class BaseConfig:
-    tokens_per_param: float = field(default=20.0, metadata={"help": "token budget = this x parameter count (unless --max-steps)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps"})
-    warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay"})
-    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak"})
+    tokens_per_param: float = field(default=20.0, metadata={"help": "token budget = this x parameter count (unless --max-steps)", "range": (0, None), "low_exclusive": True})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps", "range": (0, None)})
+    warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay", "range": (0, 1)})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak", "range": (0, 1)})
 
     def __post_init__(self):
-        if self.tokens_per_param <= 0:
-            raise ValueError(f"--tokens-per-param must be > 0, got {self.tokens_per_param}")
-        if not 0 <= self.warmdown_frac <= 1:
-            raise ValueError(f"--warmdown-frac must be in [0, 1], got {self.warmdown_frac}")
+        check_ranges(self)
 
 
 def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistInfo) -> StagePlan:
@@ -39,4 +37,4 @@ def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistI
     schedule = partial(lr_multiplier, warmup=base.warmup_steps, warmdown_frac=base.warmdown_frac,
                        final_frac=base.final_lr_frac)
     return StagePlan("base", model_cfg, loader, cfg.max_steps or budget_steps, schedule,
-                     extra_meta={"base": vars(base)})
+                     extra_meta={"base": vars(base), "tokenizer": tokenizer.fingerprint})
