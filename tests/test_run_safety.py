@@ -205,6 +205,11 @@ def test_second_run_into_a_busy_stage_fails_at_once(tokenizer_run, corpus, tmp_p
         assert f"being written by another run (pid {first.pid}" in one_error_line(second.stderr)
         second = fasttrain(args + ["--resume"], _env(), check=False)  # --resume does not get past the lock either
         assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
+        # under torchrun rank 0 finds the lock taken and every rank stops with its message (none hangs)
+        ranks = subprocess.run(torchrun(ARGS + ["--data", corpus, "--run-dir", run, "--resume"]), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                               timeout=300)
+        assert ranks.returncode != 0
+        assert ranks.stderr.count(f"being written by another run (pid {first.pid}") == 2, ranks.stderr[-3000:]
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=300)
