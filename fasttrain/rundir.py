@@ -55,8 +55,9 @@ class Stage:
 
 @contextlib.contextmanager
 def claim_stage(run: str | os.PathLike, stage: str, info: DistInfo, *, resume: bool = False,
-                overwrite: bool = False) -> Iterator[Stage]:
-    """Lock `<run>/<stage>` for this run for the duration of the block, and decide how it starts."""
+                overwrite: bool = False, resumable: bool = True) -> Iterator[Stage]:
+    """Lock `<run>/<stage>` for this run for the duration of the block, and decide how it starts.
+    `resumable`: whether the command has a --resume to suggest (the speedrun has not)."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
                           "stage's run, --overwrite moves it aside and starts afresh; pass one")
@@ -64,7 +65,7 @@ def claim_stage(run: str | os.PathLike, stage: str, info: DistInfo, *, resume: b
     if info.is_main:
         try:
             lock = _lock(Path(run), stage)
-            answer = _prepare(Path(run), stage, resume, overwrite)
+            answer = _prepare(Path(run), stage, resume, overwrite, resumable)
         except FasttrainError as e:
             answer = e
     answer = broadcast_from_main(answer)
@@ -99,7 +100,7 @@ def _lock(run: Path, stage: str):
     return f
 
 
-def _prepare(run: Path, stage: str, resume: bool, overwrite: bool) -> Stage:
+def _prepare(run: Path, stage: str, resume: bool, overwrite: bool, resumable: bool) -> Stage:
     """Rank 0, holding the lock: what the stage folder holds, and what to do about it."""
     path = stage_dir(run, stage)
     held = _contents(path)
@@ -109,8 +110,9 @@ def _prepare(run: Path, stage: str, resume: bool, overwrite: bool) -> Stage:
             os.replace(path, aside)
         print(f"{stage}: moved the earlier run ({held}) aside to {aside}", file=sys.stderr)
     elif held and not resume:
-        raise RunError(f"{path} already holds a run ({held}); continue it with --resume, or pass "
-                       f"--overwrite to move it aside and start the stage afresh")
+        resume_it = "continue it with --resume, or " if resumable else ""
+        raise RunError(f"{path} already holds a run ({held}); {resume_it}pass --overwrite to move it "
+                       f"aside and start the stage afresh")
     with file_system(f"cannot write the stage folder {path}"):
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         for partial in (path / "checkpoints").glob("*.tmp"):  # a save that a crash interrupted

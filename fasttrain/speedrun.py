@@ -64,7 +64,8 @@ def speedrun(cfg: SpeedrunConfig):
         with contextlib.ExitStack() as claims:
             # every stage is claimed before anything is trained: a run folder holding an earlier
             # speedrun fails here, before its tokenizer is replaced (--overwrite moves the stages aside)
-            claimed = {name: claims.enter_context(claim_stage(cfg.run, name, info, overwrite=cfg.overwrite))
+            claimed = {name: claims.enter_context(claim_stage(cfg.run, name, info, overwrite=cfg.overwrite,
+                                                                   resumable=False))
                        for name in ("base", "mid", "sft")}
             timings = {}
             t0 = time.perf_counter()
