@@ -612,6 +612,9 @@ build_rows_cuda(at::Tensor tokens, at::Tensor doc_offsets, c10::optional<at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttrain packing: best-fit placement of documents into rows, and row metadata";
+  m.def("empty", [](int64_t numel, at::ScalarType dtype) { return empty_cpu({numel}, dtype); },
+        "A fresh 1-D CPU tensor, advised to use transparent huge pages (for buffers to reuse)",
+        pybind11::arg("numel"), pybind11::arg("dtype"));
   m.def("concat_arrays", &concat_arrays,
         "Flat array and lengths from a list of 1-D integer arrays, or None (then use the slow path)",
         pybind11::arg("items"), pybind11::arg("as_masks"), pybind11::arg("scratch") = pybind11::none());
