@@ -394,7 +394,7 @@ def _build_rows_cuda(ext, tokens, doc_offsets, masks, plan, n_segs, row_len, pad
 
 # ------------------------------------------------------------------------------------------------
 # The fallback when the extension is not built: csrc/packing.cpp's plan() and build_rows() in
-# numpy, with one Python loop over pieces for the best-fit placement.
+# numpy, with Python loops over pieces (not tokens) for the placement and the copies.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -458,50 +458,53 @@ def _place_best_fit(lengths, cap):
 
 def _build_rows_numpy(tokens, doc_offsets, masks, plan, row_len, pad_id, ignore_index, out):
     """build_rows() of csrc/packing.cpp, writing into `out`: four (R, row_len) int64 arrays and
-    cu_seqlens (S + 1,) int32. Works on flat index arrays over all input slots of all pieces."""
-    piece_doc, piece_start, piece_len, piece_offset, row_first_piece = plan[:5]
-    input_ids, targets, position_ids, doc_ids, cu_seqlens = out
+    cu_seqlens (S + 1,) int32. One Python step per piece, copying its tokens as slices."""
+    piece_doc, piece_start, piece_len, piece_offset, row_first_piece = (a.tolist() for a in plan[:5])
+    doc_offsets = doc_offsets.tolist()
+    inputs, tgt, pos, dids = (a.reshape(-1) for a in out[:4])  # flat (R * row_len,) views
+    arange = np.arange(row_len)
     n_rows = len(row_first_piece) - 1
-    piece_row = np.repeat(np.arange(n_rows), np.diff(row_first_piece))  # (P,)
-    fill = (piece_offset + piece_len)[row_first_piece[1:] - 1]  # (R,) the last piece's end
-
-    # Everything as padding first (positions count from each row's fill); pieces overwrite it.
-    input_ids.fill(pad_id)
-    targets.fill(ignore_index)
-    doc_ids.fill(-1)
-    np.subtract(np.arange(row_len), fill[:, None], out=position_ids)
-
-    # One entry per input slot a piece covers: j (its position in the piece), dst (the flat
-    # slot in the rows), src (its token's index in `tokens`).
-    n_in = np.minimum(piece_len, row_len - piece_offset)  # (P,), 0 for a piece in the last slot
-    piece_dst = piece_row * row_len + piece_offset  # (P,) flat slot of each piece's start
-    j = np.arange(n_in.sum()) - np.repeat(np.cumsum(n_in) - n_in, n_in)
-    dst = np.repeat(piece_dst, n_in) + j
-    src = np.repeat(doc_offsets[piece_doc] + piece_start, n_in) + j
-    inputs, tgt = input_ids.reshape(-1), targets.reshape(-1)
-    inputs[dst] = tokens[src]
-    position_ids.reshape(-1)[dst] = j
-    doc_ids.reshape(-1)[dst] = np.repeat(piece_doc, n_in)
-
-    # Targets inside a piece: the next token of the same document, unless masked.
-    inner = j + 1 < np.repeat(piece_len, n_in)
-    nxt = src[inner] + 1
-    tgt[dst[inner]] = tokens[nxt] if masks is None else np.where(masks[nxt] != 0, tokens[nxt],
-                                                                 ignore_index)
-    # A piece's last token in an input slot predicts the next piece of its row when that piece
-    # starts a document (its BOS); otherwise (continuation piece, padding) it stays ignore_index.
-    q = np.flatnonzero(n_in[:-1] == piece_len[:-1])  # pieces whose last token is an input
-    q = q[(piece_row[q + 1] == piece_row[q]) & (piece_start[q + 1] == 0)]
-    first = doc_offsets[piece_doc[q + 1]]  # the next document's BOS
-    tgt[piece_dst[q] + piece_len[q] - 1] = (tokens[first] if masks is None else
-                                           np.where(masks[first] != 0, tokens[first], ignore_index))
-
-    # Segment starts in flat order: every piece with an input slot, every row's padding tail.
-    pad_start = np.arange(n_rows) * row_len + fill
-    starts = np.concatenate([piece_dst[n_in > 0], pad_start[fill < row_len]])
-    cu_seqlens[:-1] = np.sort(starts)
-    cu_seqlens[-1] = n_rows * row_len
-
+    starts = []  # segment starts over the flat rows
+    for r in range(n_rows):
+        base = r * row_len
+        last = row_first_piece[r + 1]
+        fill = 0
+        for q in range(row_first_piece[r], last):
+            off, length, d = piece_offset[q], piece_len[q], piece_doc[q]
+            src = doc_offsets[d] + piece_start[q]
+            fill = off + length
+            n_in = min(length, row_len - off)  # input slots this piece covers
+            if n_in <= 0:
+                continue
+            a = base + off
+            starts.append(a)
+            inputs[a:a + n_in] = tokens[src:src + n_in]
+            pos[a:a + n_in] = arange[:n_in]
+            dids[a:a + n_in] = d
+            # Targets inside the piece: the next token of the same document, unless masked.
+            n_inner = min(n_in, length - 1)
+            nxt = tokens[src + 1:src + 1 + n_inner]
+            if masks is not None:
+                nxt = np.where(masks[src + 1:src + 1 + n_inner] != 0, nxt, ignore_index)
+            tgt[a:a + n_inner] = nxt
+            if n_inner < n_in:
+                # The last token sits in an input slot: it predicts the next piece's first token
+                # when that piece starts a document (its BOS), else nothing.
+                t = ignore_index
+                if q + 1 < last and piece_start[q + 1] == 0:
+                    first = doc_offsets[piece_doc[q + 1]]
+                    if masks is None or masks[first] != 0:
+                        t = tokens[first]
+                tgt[a + n_in - 1] = t
+        if fill < row_len:  # the padding tail: its own segment, positions from 0
+            a, b = base + fill, base + row_len
+            starts.append(a)
+            inputs[a:b] = pad_id
+            tgt[a:b] = ignore_index
+            pos[a:b] = arange[:row_len - fill]
+            dids[a:b] = -1
+    out[4][:-1] = starts
+    out[4][-1] = n_rows * row_len
 
 
 # ------------------------------------------------------------------------------------------------
