@@ -183,7 +183,7 @@ class Packer:
             # reallocate (and fault in fresh pages) on every call.
             grown = 0 if buf is None else buf.numel() + buf.numel() // 4
             # The extension's allocation asks for transparent huge pages: first touching the
-            # buffer then faults once per 2 MiB instead of once per 4 KiB (~3x faster fresh).
+            # buffer then faults once per 2 MiB instead of once per 4 KiB (2-3x faster fresh).
             empty = self._ext.empty if self._ext is not None else torch.empty
             buf = self._buffers[name] = empty(max(numel, grown), dtype=dtype)
         return buf[:numel]
