@@ -48,8 +48,8 @@ start is a boundary, and the last entry is R * row_len. max_seqlen is the longes
 Backends
 --------
 "cpp": the compiled extension fasttrain._packing (csrc/packing.cpp). "python": the fallback when
-the extension is not built: numpy, plus one Python loop over document pieces for the placement;
-its output is identical. "cuda": placement on the CPU, row metadata computed by CUDA kernels
+the extension is not built: numpy, with Python loops over document pieces (never over tokens);
+its output is identical, at about a quarter of the speed. "cuda": placement on the CPU, row metadata computed by CUDA kernels
 (csrc/packing_cuda.cu) from the tokens and the placement only; tensors come back on the current
 CUDA device. "auto": "cpp" when the extension is built, else "python".
 `pack_documents_reference` is a slow, plain-Python statement of the same semantics that tests
