@@ -1,9 +1,13 @@
 """Packing benchmark: how full the rows are, what gets cut, and how fast we pack.
 
-    python bench/bench_packing.py [--quick] [--json PATH] [--row-len 2048] [--tokens N]
+    python bench/bench_packing.py [--quick] [--json PATH] [--row-len 2048] [--lengths stdlib|lognormal]
 
-Documents: lognormal lengths with mean ~row_len/4 (sigma 1: a long tail, ~3% longer than a row),
-each starting with a BOS token.
+Documents (each starting with a BOS token, uint16 token ids as the token shards store them):
+  stdlib     (default) one document per standard-library .py file, as the embedded base corpus
+             has them: length = ceil(file bytes / 3.473) + 1, 3.473 bytes/token being what the
+             vocab-4096 tokenizer gets on this corpus (bench/RESULTS.md); ~1790 documents, 9.1M
+             tokens, median 1.9k tokens, about half longer than a 2048-token row.
+  lognormal  synthetic lengths with mean ~row_len/4 (sigma 1), --tokens of them.
 
 Quality (on the same documents, rows of row_len inputs = bins of row_len + 1 tokens):
   concat+chop     concatenate everything and chop into rows (documents straddle rows)
@@ -12,13 +16,17 @@ Quality (on the same documents, rows of row_len inputs = bins of row_len + 1 tok
   FFD             first-fit decreasing (long documents split like ours)
   one-per-row     mode="pad": no packing
   ours            pack_documents: best-fit decreasing, long documents split, nothing cropped
-                  (on all documents at once, and per buffer of 2048 as the loader calls it)
+                  (on all documents at once, and per buffer as the loader calls it)
 "cut docs" are documents whose tokens do not all sit in one row; "dropped" are tokens that never
 reach a row.
 
-Speed (one thread, torch.set_num_threads(1); median of several runs): pack_documents on buffers
-of 2048 documents with the C++ extension and with the numba fallback, against a pure-Python
-best-fit packer that builds the same tensors. M tokens/s counts document tokens packed.
+Speed: M document tokens packed per second on one core (torch.set_num_threads(1)), over all
+documents in buffers of --buffer-docs (the loader's default, 4096), median of several passes,
+with whatever malloc the process has (do not set MALLOC_* to reproduce the table):
+  reference        pack_documents_reference (plain Python; timed on a slice)
+  fallback         pack_documents(backend="python"): numpy, when the extension is not built
+  C++ fresh        pack_documents(backend="cpp"): new output tensors every call
+  C++ reused       Packer(backend="cpp").pack: output buffers reused from call to call
 """
 from __future__ import annotations
 
@@ -31,12 +39,19 @@ import time
 import numpy as np
 import torch
 
-from fasttrain.data.packing import pack_documents, packing_backend
+from fasttrain.data.packing import Packer, pack_documents, pack_documents_reference, packing_backend
+from fasttrain.data.sources import default_corpus_files
 
 BOS = 1
+BYTES_PER_TOKEN = 3.473  # vocab-4096 tokenizer on the standard library (bench/RESULTS.md)
 
 
-def make_docs(rng, n_tokens, row_len):
+def stdlib_lengths():
+    sizes = np.array([p.stat().st_size for p in default_corpus_files()], dtype=np.int64)
+    return np.ceil(sizes / BYTES_PER_TOKEN).astype(np.int64) + 1
+
+
+def lognormal_lengths(rng, n_tokens, row_len):
     mean = row_len / 4
     sigma = 1.0
     mu = np.log(mean) - sigma**2 / 2  # lognormal mean = exp(mu + sigma^2 / 2)
@@ -46,7 +61,11 @@ def make_docs(rng, n_tokens, row_len):
         n = max(2, int(rng.lognormal(mu, sigma)))
         lengths.append(n)
         total += n
-    docs = [rng.integers(2, 65536, size=n, dtype=np.int32) for n in lengths]
+    return np.array(lengths, dtype=np.int64)
+
+
+def make_docs(rng, lengths):
+    docs = [rng.integers(2, 4096, size=int(n), dtype=np.uint16) for n in lengths]
     for d in docs:
         d[0] = BOS
     return docs
@@ -157,109 +176,77 @@ def quality_table(docs, row_len, buffer_docs):
 
 
 # ------------------------------------------------------------------------------------------------
-# A pure-Python best-fit packer producing the same tensors (the speed baseline)
+# Speed
 # ------------------------------------------------------------------------------------------------
 
 
-def pure_python_best_fit(docs, row_len, pad_id=0, ignore_index=-1):
-    cap = row_len + 1
-    pieces = []  # (length, doc, start, tokens)
-    for d, doc in enumerate(docs):
-        toks = doc.tolist()
-        for s in range(0, len(toks), cap):
-            pieces.append((d, s, toks[s:s + cap]))
-    pieces.sort(key=lambda p: -len(p[2]))
-    open_bins = []  # sorted (room, bin)
-    bins = []
-    for piece in pieces:
-        n = len(piece[2])
-        i = bisect.bisect_left(open_bins, (n, -1))
-        if i < len(open_bins):
-            room, b = open_bins.pop(i)
-        else:
-            b, room = len(bins), cap
-            bins.append([])
-        bins[b].append(piece)
-        if room - n > 0:
-            bisect.insort(open_bins, (room - n, b))
-    inputs, targets, positions, doc_ids, cu = [], [], [], [], []
-    for r, pieces_in_bin in enumerate(bins):
-        row, tgt, pos, did = [], [], [], []
-        for k, (d, s, toks) in enumerate(pieces_in_bin):
-            cu.append(r * row_len + len(row))
-            row += toks
-            nxt = pieces_in_bin[k + 1] if k + 1 < len(pieces_in_bin) else None
-            tgt += toks[1:] + [nxt[2][0] if nxt is not None and nxt[1] == 0 else ignore_index]
-            pos += range(len(toks))
-            did += [d] * len(toks)
-        fill = len(row)
-        if fill < row_len:
-            cu.append(r * row_len + fill)
-        pad = cap - fill
-        inputs.append((row + [pad_id] * pad)[:row_len])
-        targets.append((tgt + [ignore_index] * pad)[:row_len])
-        positions.append((pos + list(range(pad)))[:row_len])
-        doc_ids.append((did + [-1] * pad)[:row_len])
-    cu.append(len(bins) * row_len)
-    return (torch.tensor(inputs), torch.tensor(targets), torch.tensor(positions),
-            torch.tensor(doc_ids), torch.tensor(cu, dtype=torch.int32))
-
-
 def throughput(fn, docs, buffer_docs, repeats):
+    """Median M tokens/s (and the slowest and fastest pass) of `repeats` passes over `docs`."""
     n_tokens = sum(len(d) for d in docs)
     buffers = [docs[i:i + buffer_docs] for i in range(0, len(docs), buffer_docs)]
+    fn(buffers[0])  # warm-up: first calls, buffers a Packer keeps
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         for b in buffers:
             fn(b)
         times.append(time.perf_counter() - t)
-    return n_tokens / statistics.median(times) / 1e6
+    rate = lambda s: n_tokens / s / 1e6  # noqa: E731
+    return {"median": rate(statistics.median(times)), "min": rate(max(times)), "max": rate(min(times))}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (and tokens for lognormal)")
     parser.add_argument("--row-len", type=int, default=2048)
-    parser.add_argument("--tokens", type=int, default=None, help="document tokens (default 16M, quick 2M)")
+    parser.add_argument("--lengths", choices=("stdlib", "lognormal"), default="stdlib")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="lognormal: document tokens (default 16M, quick 2M)")
+    parser.add_argument("--buffer-docs", type=int, default=4096, help="documents per pack call")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes (default 9, quick 3)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    n_tokens = args.tokens or (2_000_000 if args.quick else 16_000_000)
-    repeats = 3 if args.quick else 7
-    row_len = args.row_len
+    repeats = args.repeats or (3 if args.quick else 9)
+    row_len, buffer_docs = args.row_len, args.buffer_docs
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    docs = make_docs(rng, n_tokens, row_len)
-    n_long = sum(len(d) > row_len + 1 for d in docs)
-    print(f"{len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M tokens, mean length "
-          f"{np.mean([len(d) for d in docs]):.0f}, {n_long} longer than a row; row_len {row_len}; "
-          f"backend {packing_backend()}\n")
+    if args.lengths == "stdlib":
+        lengths = stdlib_lengths()
+    else:
+        lengths = lognormal_lengths(rng, args.tokens or (2_000_000 if args.quick else 16_000_000), row_len)
+    docs = make_docs(rng, lengths)
+    print(f"{args.lengths} lengths: {len(docs)} documents, {lengths.sum() / 1e6:.1f}M tokens, mean "
+          f"{lengths.mean():.0f}, median {np.median(lengths):.0f}, {int((lengths > row_len + 1).sum())} "
+          f"longer than a row; row_len {row_len}; backend {packing_backend()}\n")
 
-    buffer_docs = 2048
     quality = quality_table(docs, row_len, buffer_docs)
     print(f"{'packer':<28} {'rows':>7} {'utilization':>12} {'cut docs':>9} {'dropped tokens':>15}")
     for name, r in quality.items():
         print(f"{name:<28} {r['rows']:>7} {r['utilization']:>11.2%} {r['cut_docs']:>9} "
               f"{r['dropped_frac']:>14.2%}")
 
-    pack_documents(docs[:buffer_docs], row_len, backend="python")  # compile numba outside timing
     speed = {}
+    # The reference is slow: time it on the first documents, up to ~300k tokens.
+    few = docs[:max(1, int(np.searchsorted(np.cumsum(lengths), 300_000)))]
+    speed["reference (plain Python)"] = throughput(lambda b: pack_documents_reference(b, row_len),
+                                                   few, buffer_docs, max(1, repeats // 3))
+    speed["fallback (numpy)"] = throughput(lambda b: pack_documents(b, row_len, backend="python"),
+                                           docs, buffer_docs, repeats)
     if packing_backend() == "cpp":
-        speed["ours (C++)"] = throughput(lambda b: pack_documents(b, row_len, backend="cpp"),
-                                         docs, buffer_docs, repeats)
-    speed["ours (numba fallback)"] = throughput(lambda b: pack_documents(b, row_len, backend="python"),
-                                                docs, buffer_docs, repeats)
-    few = docs[:max(buffer_docs, len(docs) // 16)]  # the baseline is slow: time it on a slice
-    speed["pure-Python best fit"] = throughput(lambda b: pure_python_best_fit(b, row_len), few,
-                                               buffer_docs, max(1, repeats // 2))
-    base = speed["pure-Python best fit"]
-    print(f"\n{'packer (1 thread)':<28} {'M tokens/s':>11} {'vs pure Python':>15}")
+        speed["C++, fresh buffers"] = throughput(lambda b: pack_documents(b, row_len, backend="cpp"),
+                                                 docs, buffer_docs, repeats)
+        packer = Packer(row_len, backend="cpp")
+        speed["C++, reused buffers"] = throughput(packer.pack, docs, buffer_docs, repeats)
+    base = speed["reference (plain Python)"]["median"]
+    print(f"\n{'packer (1 core)':<28} {'M tokens/s':>11} {'(min-max)':>15} {'vs reference':>13}")
     for name, v in speed.items():
-        print(f"{name:<28} {v:>11.1f} {v / base:>14.1f}x")
+        print(f"{name:<28} {v['median']:>11.1f} {v['min']:>7.1f}-{v['max']:<7.1f} "
+              f"{v['median'] / base:>12.0f}x")
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"row_len": row_len, "documents": len(docs), "tokens": int(sum(map(len, docs))),
+            json.dump({"row_len": row_len, "lengths": args.lengths, "documents": len(docs),
+                       "tokens": int(lengths.sum()), "buffer_docs": buffer_docs,
                        "quality": quality, "speed_mtok_s": speed}, f, indent=2)
 
 

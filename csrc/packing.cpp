@@ -13,8 +13,12 @@
 // equally full bins go to the bin changed most recently (a stack per remaining capacity), and a
 // segment tree over remaining capacities finds the fullest fitting bin in O(log C).
 //
-// The numba fallback in packing.py implements the same two steps line for line; tests check both
-// against a plain-Python reference, token for token.
+// The fallback in packing.py (numpy, for when this extension is not built) implements the same
+// two steps; tests check both against a plain-Python reference, token for token.
+//
+// Every output of build_rows, and the flat token array of concat_arrays, can be a buffer the
+// caller keeps across calls (packing.Packer): on CPU, first-touching fresh pages costs more than
+// the packing itself.
 //
 // build_rows also has a CUDA twin (packing_cuda.cu), compiled only with FASTTRAIN_WITH_CUDA: the
 // plan is made here on the CPU, and only the tokens and the plan cross to the GPU.
@@ -383,7 +387,10 @@ void copy_parts(const std::vector<Part>& parts, D* dst, bool nonzero) {
 // path, which also words the error. Returns (flat, lengths):
 //   tokens: flat int32 when every source type fits in int32, else int64;
 //   masks:  flat uint8, 1 where the mask is nonzero.
-pybind11::object concat_arrays(const pybind11::list& items, bool as_masks) {
+// `scratch` (uint8, contiguous): when it holds enough bytes, `flat` is a view of its front
+// instead of fresh memory (the caller keeps it across calls, so no new pages are touched).
+pybind11::object concat_arrays(const pybind11::list& items, bool as_masks,
+                               c10::optional<at::Tensor> scratch) {
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<Part> parts(n_items);
   auto lengths = at::empty({n_items}, at::kLong);
@@ -415,15 +422,23 @@ pybind11::object concat_arrays(const pybind11::list& items, bool as_masks) {
     len[i] = p.n;
     total += p.n;
   }
+  const c10::ScalarType dtype = as_masks ? at::kByte : fits32 ? at::kInt : at::kLong;
+  const int64_t nbytes = total * static_cast<int64_t>(c10::elementSize(dtype));
   at::Tensor flat;
+  if (scratch && total > 0) {
+    check_1d(*scratch, "scratch", at::kByte);
+    TORCH_CHECK(!scratch->is_cuda(), "scratch must be a CPU tensor");
+  }
+  if (scratch && total > 0 && scratch->numel() >= nbytes) {
+    flat = scratch->slice(0, 0, nbytes).view(dtype);
+  } else {
+    flat = empty_cpu({total}, dtype);
+  }
   if (as_masks) {
-    flat = empty_cpu({total}, at::kByte);
     copy_parts(parts, flat.data_ptr<uint8_t>(), true);
   } else if (fits32) {
-    flat = empty_cpu({total}, at::kInt);
     copy_parts(parts, flat.data_ptr<int32_t>(), false);
   } else {
-    flat = empty_cpu({total}, at::kLong);
     copy_parts(parts, flat.data_ptr<int64_t>(), false);
   }
   return pybind11::make_tuple(flat, lengths);
@@ -485,22 +500,42 @@ void check_plan_args(const at::Tensor& tokens, const at::Tensor& doc_offsets,
 }
 
 // Returns (input_ids, targets, position_ids, doc_ids, cu_seqlens): four (R, row_len) int64
-// tensors and one (S + 1,) int32 tensor, S = row_first_seg[R].
+// tensors and one (S + 1,) int32 tensor, S = row_first_seg[R]. They are fresh tensors, or, when
+// `out` holds those five tensors (contiguous, of exactly these shapes and dtypes, e.g. views of
+// buffers the caller reuses across calls), `out` itself, overwritten in full.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 build_rows(at::Tensor tokens, at::Tensor doc_offsets, c10::optional<at::Tensor> masks,
            at::Tensor piece_doc, at::Tensor piece_start, at::Tensor piece_len,
            at::Tensor piece_offset, at::Tensor row_first_piece, at::Tensor row_first_seg,
-           int64_t row_len, int64_t pad_id, int64_t ignore_index) {
+           int64_t row_len, int64_t pad_id, int64_t ignore_index,
+           c10::optional<std::vector<at::Tensor>> out_tensors) {
   check_plan_args(tokens, doc_offsets, masks, piece_doc, piece_start, piece_len, piece_offset,
                   row_first_piece, row_first_seg, row_len);
   TORCH_CHECK(!tokens.is_cuda(), "build_rows runs on CPU tensors; use build_rows_cuda");
   const int64_t n_rows = row_first_piece.numel() - 1;
   const int64_t n_segs = row_first_seg.data_ptr<int64_t>()[n_rows];
-  auto input_ids = empty_cpu({n_rows, row_len}, at::kLong);
-  auto targets = empty_cpu({n_rows, row_len}, at::kLong);
-  auto position_ids = empty_cpu({n_rows, row_len}, at::kLong);
-  auto doc_ids = empty_cpu({n_rows, row_len}, at::kLong);
-  auto cu_seqlens = at::empty({n_segs + 1}, at::kInt);
+  at::Tensor input_ids, targets, position_ids, doc_ids, cu_seqlens;
+  if (out_tensors) {
+    TORCH_CHECK(out_tensors->size() == 5, "out must hold 5 tensors, got ", out_tensors->size());
+    const auto& o = *out_tensors;
+    const char* names[] = {"input_ids", "targets", "position_ids", "doc_ids"};
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK(o[i].device().is_cpu() && o[i].scalar_type() == at::kLong && o[i].is_contiguous() &&
+                      o[i].dim() == 2 && o[i].size(0) == n_rows && o[i].size(1) == row_len,
+                  "out ", names[i], " must be a contiguous CPU int64 tensor of shape (", n_rows,
+                  ", ", row_len, "), got ", o[i].scalar_type(), " ", o[i].sizes());
+    }
+    check_1d(o[4], "out cu_seqlens", at::kInt);
+    TORCH_CHECK(o[4].device().is_cpu() && o[4].numel() == n_segs + 1,
+                "out cu_seqlens must be a CPU tensor of ", n_segs + 1, " entries, got ", o[4].numel());
+    input_ids = o[0], targets = o[1], position_ids = o[2], doc_ids = o[3], cu_seqlens = o[4];
+  } else {
+    input_ids = empty_cpu({n_rows, row_len}, at::kLong);
+    targets = empty_cpu({n_rows, row_len}, at::kLong);
+    position_ids = empty_cpu({n_rows, row_len}, at::kLong);
+    doc_ids = empty_cpu({n_rows, row_len}, at::kLong);
+    cu_seqlens = at::empty({n_segs + 1}, at::kInt);
+  }
   RowsOut out{input_ids.data_ptr<int64_t>(), targets.data_ptr<int64_t>(),
               position_ids.data_ptr<int64_t>(), doc_ids.data_ptr<int64_t>(),
               cu_seqlens.data_ptr<int32_t>()};
@@ -577,16 +612,19 @@ build_rows_cuda(at::Tensor tokens, at::Tensor doc_offsets, c10::optional<at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttrain packing: best-fit placement of documents into rows, and row metadata";
+  m.def("empty", [](int64_t numel, at::ScalarType dtype) { return empty_cpu({numel}, dtype); },
+        "A fresh 1-D CPU tensor, advised to use transparent huge pages (for buffers to reuse)",
+        pybind11::arg("numel"), pybind11::arg("dtype"));
   m.def("concat_arrays", &concat_arrays,
         "Flat array and lengths from a list of 1-D integer arrays, or None (then use the slow path)",
-        pybind11::arg("items"), pybind11::arg("as_masks"));
+        pybind11::arg("items"), pybind11::arg("as_masks"), pybind11::arg("scratch") = pybind11::none());
   m.def("plan", &plan, "Place documents into rows (best fit decreasing, or one per row)",
         pybind11::arg("lengths"), pybind11::arg("row_len"), pybind11::arg("best_fit"));
   m.def("build_rows", &build_rows, "Row tensors and cu_seqlens from a plan (CPU)",
         pybind11::arg("tokens"), pybind11::arg("doc_offsets"), pybind11::arg("masks"), pybind11::arg("piece_doc"),
         pybind11::arg("piece_start"), pybind11::arg("piece_len"), pybind11::arg("piece_offset"),
         pybind11::arg("row_first_piece"), pybind11::arg("row_first_seg"), pybind11::arg("row_len"),
-        pybind11::arg("pad_id"), pybind11::arg("ignore_index"));
+        pybind11::arg("pad_id"), pybind11::arg("ignore_index"), pybind11::arg("out") = pybind11::none());
 #ifdef FASTTRAIN_WITH_CUDA
   m.def("build_rows_cuda", &build_rows_cuda, "Row tensors and cu_seqlens from a plan (CUDA)",
         pybind11::arg("tokens"), pybind11::arg("doc_offsets"), pybind11::arg("masks"), pybind11::arg("piece_doc"),

@@ -1,5 +1,6 @@
-"""Packing: the C++ extension and the numba fallback against the plain-Python reference, layout
-invariants, hand-worked examples, streaming, bad input, and the CUDA sources compiling."""
+"""Packing: the C++ extension and the numpy fallback against the plain-Python reference, a
+Packer reusing its buffers, layout invariants, hand-worked examples, bad input, and the CUDA
+sources compiling."""
 import os
 import shutil
 import subprocess
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from fasttrain.data import packing
-from fasttrain.data.packing import (PackedBatch, pack_documents, pack_documents_reference,
-                                    pack_stream, packing_backend)
+from fasttrain.data.packing import (PackedBatch, Packer, pack_documents, pack_documents_reference,
+                                    packing_backend)
 
 BOS = 1
 IGNORE = -100
@@ -156,7 +157,7 @@ def test_every_token_placed_exactly_once():
 
 
 def plan_functions():
-    fns = [lambda L, n, bf: packing._numba_kernels()[0](L.numpy(), n, bf)]
+    fns = [lambda L, n, bf: packing._plan_numpy(L.numpy(), n, bf)]
     if packing._load_extension() is not None:
         fns.append(packing._load_extension().plan)
     return fns
@@ -217,26 +218,50 @@ def test_bad_input_raises(call, match):
         call()
 
 
-def test_pack_stream_keeps_every_row():
-    rng = np.random.default_rng(5)
-    row_len = 16
-    docs, masks = random_docs(rng, 250, row_len, masked=True)
-    items = [(d, m) for d, m in zip(docs, masks)]
-    batches = list(pack_stream(iter(items), row_len, rows_per_batch=7, buffer_docs=60))
-    assert all(b.input_ids.shape[0] == 7 for b in batches[:-1]) and 0 < batches[-1].input_ids.shape[0] <= 7
-    # Same rows as packing each buffer alone, doc ids counted over the stream.
-    expect = [pack_documents(docs[i:i + 60], row_len, masks=masks[i:i + 60]) for i in range(0, 250, 60)]
-    for i, e in zip(range(0, 250, 60), expect):
-        e.doc_ids[e.doc_ids >= 0] += i
-    for name in ("input_ids", "targets", "position_ids", "doc_ids"):
-        assert torch.equal(torch.cat([getattr(b, name) for b in batches]),
-                           torch.cat([getattr(e, name) for e in expect]))
-    for b in batches:  # each batch's cu_seqlens describes its own rows
-        cu = b.cu_seqlens
-        assert cu[0] == 0 and cu[-1] == b.input_ids.numel() and b.max_seqlen == int((cu[1:] - cu[:-1]).max())
-        assert torch.equal(b.position_ids.flatten()[cu[:-1].long()], torch.zeros(len(cu) - 1, dtype=torch.int64))
-    assert sum(b.stats["docs"] for b in batches) == 250
-    assert sum(b.stats["split_docs"] for b in batches) == sum(e.stats["split_docs"] for e in expect)
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("mode", ["best_fit", "pad"])
+def test_packer_reuses_buffers_without_stale_data(backend, mode):
+    # Odd row lengths; batches bigger, then smaller, then bigger than any before (the buffers
+    # grow), masked and not, int64 and int32 tokens: every batch equals the reference, so nothing
+    # of an earlier call shows through.
+    for row_len in (7, 13):
+        packer = Packer(row_len, pad_id=3, ignore_index=IGNORE, mode=mode, backend=backend)
+        rng = np.random.default_rng(row_len)
+        pointers = []
+        for i, (n_docs, masked) in enumerate([(90, True), (17, False), (5, True), (160, False),
+                                              (1, False), (90, True)]):
+            docs, masks = random_docs(rng, n_docs, row_len, masked)
+            if i % 2:
+                docs = [d.astype(np.int32) for d in docs]
+            ref = pack_documents_reference(docs, row_len, masks=masks, pad_id=3, ignore_index=IGNORE,
+                                           mode=mode)
+            batch = packer.pack(docs, masks)
+            assert_same(batch, ref)
+            pointers.append(batch.input_ids.untyped_storage().data_ptr())
+        # The smaller batches after the first lived in its buffers (the ones after 160 docs
+        # live in the grown ones).
+        assert pointers[1] == pointers[2] == pointers[0] and pointers[4] == pointers[5] == pointers[3]
+
+
+def test_pack_documents_returns_fresh_tensors():
+    rng = np.random.default_rng(7)
+    docs, _ = random_docs(rng, 40, 16)
+    a = pack_documents(docs, 16)
+    kept = a.input_ids.clone()
+    pack_documents(docs[:10], 16)
+    assert torch.equal(a.input_ids, kept)
+
+
+def test_fallback_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setattr(packing, "_extension", None)
+    monkeypatch.setattr(packing, "_extension_error", "No module named 'fasttrain._packing'")
+    monkeypatch.setattr(packing, "_logged", False)
+    assert packing_backend() == "python"
+    rng = np.random.default_rng(8)
+    docs, masks = random_docs(rng, 50, 9, masked=True)
+    assert_same(pack_documents(docs, 9, masks=masks), pack_documents_reference(docs, 9, masks=masks))
+    with pytest.raises(RuntimeError, match="backend='python'"):
+        pack_documents(docs, 9, backend="cpp")
 
 
 def test_backend_name_and_log(caplog):

@@ -5,6 +5,14 @@
     batch.position_ids, batch.doc_ids               # (R, row_len) int64
     batch.cu_seqlens, batch.max_seqlen              # for flash_attn_varlen_func on (R*row_len, ...)
 
+    packer = Packer(row_len=2048)                   # the same, reusing its output memory:
+    for docs in buffers:
+        batch = packer.pack(docs)                   # valid until the next packer.pack()
+
+pack_documents returns fresh tensors on every call. On CPU, touching fresh memory (one page fault
+per 4 KiB) costs more than the packing itself, so a loop that packs buffer after buffer should
+use one Packer: its tensors are views of buffers it keeps and overwrites on the next call.
+
 How a batch is laid out
 -----------------------
 * A row is a bin of C = row_len + 1 tokens: inputs are bin[:-1], targets are bin[1:]. So a
@@ -39,17 +47,19 @@ start is a boundary, and the last entry is R * row_len. max_seqlen is the longes
 
 Backends
 --------
-"cpp": the compiled extension fasttrain._packing (csrc/packing.cpp). "python": the same
-algorithm in numba (pure Python, and slow, when numba is missing); its output is identical.
-"cuda": placement on the CPU, row metadata computed by CUDA kernels (csrc/packing_cuda.cu) from
-the tokens and the placement only; tensors come back on the current CUDA device. "auto": "cpp"
-when the extension is built, else "python". `pack_documents_reference` is a slow, plain-Python
-statement of the same semantics that tests compare every backend against.
+"cpp": the compiled extension fasttrain._packing (csrc/packing.cpp). "python": the fallback when
+the extension is not built: numpy, with Python loops over document pieces (never over tokens);
+its output is identical, at about a quarter of the speed. "cuda": placement on the CPU, row metadata computed by CUDA kernels
+(csrc/packing_cuda.cu) from the tokens and the placement only; tensors come back on the current
+CUDA device. "auto": "cpp" when the extension is built, else "python".
+`pack_documents_reference` is a slow, plain-Python statement of the same semantics that tests
+compare every backend against.
 """
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,9 +67,9 @@ import torch
 
 __all__ = [
     "PackedBatch",
+    "Packer",
     "pack_documents",
     "pack_documents_reference",
-    "pack_stream",
     "packing_backend",
 ]
 
@@ -95,7 +105,6 @@ class PackedBatch:
 
 _extension = None  # the fasttrain._packing module once loaded
 _extension_error = None  # why it could not be loaded
-_numba_fns = None  # (plan, build_rows), jitted on first use
 _logged = False
 
 
@@ -121,28 +130,111 @@ def packing_backend() -> str:
             cuda = "built" if ext.with_cuda else "not built"
             logger.info("packing: C++ extension fasttrain._packing (CUDA kernels %s)", cuda)
         else:
-            logger.info("packing: numba fallback; the C++ extension is not built (%s). Build it "
-                        "with: pip install --no-build-isolation -e .", _extension_error)
+            logger.info("packing: numpy fallback (several times slower); the C++ extension is not "
+                        "built (%s). Build it with: pip install --no-build-isolation -e .",
+                        _extension_error)
     return name
-
-
-def _numba_kernels():
-    global _numba_fns
-    if _numba_fns is None:
-        try:
-            import numba
-            jit = numba.njit(cache=True, nogil=True)
-            _numba_fns = (jit(_plan_kernel), jit(_build_rows_kernel))
-        except ImportError:
-            logger.warning("packing: numba is not installed; the python backend runs interpreted "
-                           "(very slow). pip install numba")
-            _numba_fns = (_plan_kernel, _build_rows_kernel)
-    return _numba_fns
 
 
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
+
+
+class Packer:
+    """pack_documents with fixed options, reusing its output memory from call to call.
+
+    The tensors of the PackedBatch that pack() returns are views of buffers the Packer owns: the
+    next pack() overwrites them (copy what you keep, e.g. with `batch.input_ids[perm]`). Buffers
+    grow when a call needs more (by at least a quarter) and never shrink. With backend="cuda" the
+    rows are fresh device tensors (torch's CUDA allocator already reuses memory).
+    Options are those of pack_documents.
+    """
+
+    def __init__(self, row_len: int, *, pad_id: int = 0, ignore_index: int = -1,
+                 mode: str = "best_fit", backend: str = "auto"):
+        self.row_len = _check_int(row_len, "row_len", minimum=1)
+        self.pad_id = _check_int(pad_id, "pad_id")
+        self.ignore_index = _check_int(ignore_index, "ignore_index")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.mode = mode
+        self.backend = packing_backend() if backend == "auto" else backend
+        self._ext = None
+        if self.backend in ("cpp", "cuda"):
+            self._ext = _load_extension()
+            if self._ext is None:
+                raise RuntimeError(f"backend={backend!r} needs the compiled extension "
+                                   f"fasttrain._packing, which did not load ({_extension_error}); "
+                                   "build it with `pip install --no-build-isolation -e .` or use "
+                                   "backend='python'")
+        if self.backend == "cuda" and not (self._ext.with_cuda and torch.cuda.is_available()):
+            raise RuntimeError("backend='cuda' needs a CUDA device and the extension built with its "
+                               "CUDA kernels (a CUDA torch and CUDA_HOME at build time)")
+        self._buffers: dict[str, torch.Tensor] = {}  # name -> 1-D CPU tensor, reused across calls
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first `numel` elements of buffer `name`, grown first if it is too small."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            # Grow by a quarter at least, so that buffers of slowly rising size do not
+            # reallocate (and fault in fresh pages) on every call.
+            grown = 0 if buf is None else buf.numel() + buf.numel() // 4
+            # The extension's allocation asks for transparent huge pages: first touching the
+            # buffer then faults once per 2 MiB instead of once per 4 KiB (2-3x faster fresh).
+            empty = self._ext.empty if self._ext is not None else torch.empty
+            buf = self._buffers[name] = empty(max(numel, grown), dtype=dtype)
+        return buf[:numel]
+
+    def pack(self, docs: Sequence, masks: Sequence | None = None, *,
+             bos_id: int | None = None) -> PackedBatch:
+        """Packs `docs` (see pack_documents); the result is overwritten by the next call."""
+        row_len, ext = self.row_len, self._ext
+        tokens, lengths, flat_masks = _flatten(docs, masks, bos_id, ext, self._scratch)
+        doc_offsets = np.zeros(len(lengths) + 1, np.int64)  # (n + 1,) start of each doc in tokens
+        np.cumsum(lengths, out=doc_offsets[1:])
+        best_fit = self.mode == "best_fit"
+
+        if ext is None:
+            plan = _plan_numpy(lengths, row_len, best_fit)
+        else:
+            plan = [p.numpy() if isinstance(p, torch.Tensor) else p
+                    for p in ext.plan(torch.from_numpy(lengths), row_len, best_fit)]
+        n_rows, n_segs = len(plan[4]) - 1, int(plan[5][-1])
+        if self.backend == "cuda":
+            outs = _build_rows_cuda(ext, torch.from_numpy(tokens), torch.from_numpy(doc_offsets),
+                                    None if flat_masks is None else torch.from_numpy(flat_masks),
+                                    [torch.from_numpy(p) for p in plan[:6]], n_segs, row_len,
+                                    self.pad_id, self.ignore_index)
+        else:
+            rows = [self._buffer(name, n_rows * row_len, torch.int64).view(n_rows, row_len)
+                    for name in ("input_ids", "targets", "position_ids", "doc_ids")]
+            outs = [*rows, self._buffer("cu_seqlens", n_segs + 1, torch.int32)]
+            if ext is None:
+                _build_rows_numpy(tokens, doc_offsets, flat_masks, plan, row_len, self.pad_id,
+                                  self.ignore_index, [t.numpy() for t in outs])
+            else:
+                ext.build_rows(torch.from_numpy(tokens), torch.from_numpy(doc_offsets),
+                               None if flat_masks is None else torch.from_numpy(flat_masks),
+                               *[torch.from_numpy(p) for p in plan[:6]], row_len, self.pad_id,
+                               self.ignore_index, out=outs)
+
+        input_ids, targets, position_ids, doc_ids, cu_seqlens = outs
+        piece_len, piece_offset = plan[2], plan[3]
+        max_seqlen, split_docs, empty_docs = (int(v) for v in plan[6:9])
+        n_tokens = n_rows * row_len
+        # Input tokens a piece contributes: those before the bin's last slot.
+        n_real = int(np.minimum(piece_len, row_len - piece_offset).sum())
+        padding = n_tokens - n_real
+        stats = {"rows": n_rows, "tokens": n_tokens, "padding": padding,
+                 "utilization": 1.0 - padding / n_tokens if n_tokens else 0.0,
+                 "docs": len(lengths), "split_docs": split_docs, "empty_docs": empty_docs}
+        return PackedBatch(input_ids, targets, position_ids, cu_seqlens, max_seqlen, doc_ids, stats)
+
+    def _scratch(self, name: str, nbytes: int) -> torch.Tensor:
+        return self._buffer(name, nbytes, torch.uint8)
 
 
 def pack_documents(
@@ -157,6 +249,7 @@ def pack_documents(
     backend: str = "auto",
 ) -> PackedBatch:
     """Packs `docs` into rows of `row_len` input tokens (see the module docstring for the layout).
+    Returns fresh tensors; to pack many buffers, a Packer reuses its memory and is faster.
 
     docs:   list of 1-D integer token arrays (numpy or torch, any integer dtype), each beginning
             with its BOS token.
@@ -172,114 +265,9 @@ def pack_documents(
     utilization (= 1 - padding / tokens; 0.0 for an empty batch), docs (= len(docs)),
     split_docs, empty_docs.
     """
-    row_len = _check_int(row_len, "row_len", minimum=1)
-    pad_id = _check_int(pad_id, "pad_id")
-    ignore_index = _check_int(ignore_index, "ignore_index")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = packing_backend()
-    ext = None
-    if backend in ("cpp", "cuda"):
-        ext = _load_extension()
-        if ext is None:
-            raise RuntimeError(f"backend={backend!r} needs the compiled extension fasttrain._packing, "
-                               f"which did not load ({_extension_error}); build it with "
-                               "`pip install --no-build-isolation -e .` or use backend='python'")
-    if backend == "cuda" and not (ext.with_cuda and torch.cuda.is_available()):
-        raise RuntimeError("backend='cuda' needs a CUDA device and the extension built with its CUDA "
-                           "kernels (a CUDA torch and CUDA_HOME at build time)")
-
-    tokens, lengths, flat_masks = _flatten(docs, masks, bos_id, ext)
-    doc_offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=doc_offsets[1:])
-    best_fit = mode == "best_fit"
-
-    if backend == "python":
-        plan_fn, build_fn = _numba_kernels()
-        plan = plan_fn(lengths, row_len, best_fit)
-        masks_arg = flat_masks if flat_masks is not None else np.zeros(0, np.uint8)
-        outs = build_fn(tokens, doc_offsets, masks_arg, flat_masks is not None, *plan[:6], row_len,
-                        pad_id, ignore_index)
-        outs = [torch.from_numpy(a) for a in outs]
-        plan = [torch.from_numpy(a) if isinstance(a, np.ndarray) else int(a) for a in plan]
-    else:
-        plan = list(ext.plan(torch.from_numpy(lengths), row_len, best_fit))
-        tok = torch.from_numpy(tokens)
-        msk = torch.from_numpy(flat_masks) if flat_masks is not None else None
-        offs = torch.from_numpy(doc_offsets)
-        if backend == "cpp":
-            outs = ext.build_rows(tok, offs, msk, *plan[:6], row_len, pad_id, ignore_index)
-        else:
-            outs = _build_rows_cuda(ext, tok, offs, msk, plan, row_len, pad_id, ignore_index)
-
-    input_ids, targets, position_ids, doc_ids, cu_seqlens = outs
-    piece_len, piece_offset = plan[2], plan[3]
-    max_seqlen, split_docs, empty_docs = (int(v) for v in plan[6:9])
-    n_rows = input_ids.shape[0]
-    n_tokens = n_rows * row_len
-    # Input tokens a piece contributes: those before the bin's last slot.
-    n_real = int(torch.minimum(piece_len, row_len - piece_offset).sum())
-    padding = n_tokens - n_real
-    stats = {"rows": n_rows, "tokens": n_tokens, "padding": padding,
-             "utilization": 1.0 - padding / n_tokens if n_tokens else 0.0,
-             "docs": len(lengths), "split_docs": split_docs, "empty_docs": empty_docs}
-    return PackedBatch(input_ids, targets, position_ids, cu_seqlens, max_seqlen, doc_ids, stats)
-
-
-def pack_stream(
-    items: Iterable,
-    row_len: int,
-    rows_per_batch: int,
-    buffer_docs: int = 1024,
-    *,
-    drop_last: bool = False,
-    **options,
-) -> Iterator[PackedBatch]:
-    """Packs a stream of documents buffer by buffer and yields batches of `rows_per_batch` rows.
-
-    items: 1-D token arrays, or (ids, mask) pairs (as render_conversation returns).
-    Every `buffer_docs` documents are packed together with pack_documents(**options); rows left
-    over from one buffer start the next batch, so no row is lost. At the end, a last batch with
-    fewer rows is yielded unless drop_last. doc_ids count documents from the start of the stream.
-    stats: rows, tokens, padding and utilization of the batch's rows; docs, split_docs and
-    empty_docs of the buffers packed since the previous batch (their sums over the stream are the
-    stream's totals).
-    """
-    rows_per_batch = _check_int(rows_per_batch, "rows_per_batch", minimum=1)
-    buffer_docs = _check_int(buffer_docs, "buffer_docs", minimum=1)
-    carry = None  # rows packed but not yet yielded
-    first_doc = 0  # stream index of the buffer's first document
-    counts = {"docs": 0, "split_docs": 0, "empty_docs": 0}
-
-    def take(batch, stop):
-        nonlocal counts
-        head = _slice_rows(batch, 0, stop, row_len)
-        head.stats.update(counts)
-        counts = dict.fromkeys(counts, 0)
-        return head
-
-    for buffer in _chunks(items, buffer_docs):
-        docs, masks = [], []
-        for item in buffer:
-            ids, mask = item if isinstance(item, tuple) else (item, None)
-            docs.append(ids)
-            masks.append(mask)
-        has_masks = any(m is not None for m in masks)
-        packed = pack_documents(docs, row_len, masks=masks if has_masks else None, **options)
-        packed.doc_ids = torch.where(packed.doc_ids >= 0, packed.doc_ids + first_doc,
-                                     packed.doc_ids)
-        first_doc += len(docs)
-        for key in counts:
-            counts[key] += packed.stats[key]
-        carry = packed if carry is None else _concat_rows(carry, packed, row_len)
-        while carry.input_ids.shape[0] >= rows_per_batch:
-            yield take(carry, rows_per_batch)
-            carry = _slice_rows(carry, rows_per_batch, carry.input_ids.shape[0], row_len)
-    if carry is not None and carry.input_ids.shape[0] > 0 and not drop_last:
-        yield take(carry, carry.input_ids.shape[0])
+    # A Packer used once: its buffers are sized exactly for this call and handed to the caller.
+    packer = Packer(row_len, pad_id=pad_id, ignore_index=ignore_index, mode=mode, backend=backend)
+    return packer.pack(docs, masks, bos_id=bos_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,14 +296,15 @@ def _as_1d(x, name):
     return x
 
 
-def _flatten(docs, masks, bos_id, ext=None):
+def _flatten(docs, masks, bos_id, ext=None, scratch=None):
     """Concatenates the documents: returns tokens (N,) int32|int64, lengths (n,) int64 and
-    masks (N,) uint8 (or None). `ext` (the extension) provides a fast path for the common case."""
+    masks (N,) uint8 (or None). `ext` (the extension) provides a fast path for the common case,
+    which writes into `scratch(name, nbytes)` (a uint8 tensor of nbytes) when given."""
     if isinstance(docs, (np.ndarray, torch.Tensor)) or not isinstance(docs, Sequence):
         raise ValueError(f"docs must be a list of 1-D integer token arrays, got {type(docs).__name__}")
     flat = None
     if ext is not None and type(docs) is list and (masks is None or type(masks) is list):
-        flat = _flatten_fast(ext, docs, masks)
+        flat = _flatten_fast(ext, docs, masks, scratch)
     tokens, lengths, flat_masks = flat if flat is not None else _flatten_checked(docs, masks)
     if bos_id is not None:
         starts = np.flatnonzero(lengths)
@@ -328,16 +317,23 @@ def _flatten(docs, masks, bos_id, ext=None):
     return tokens, lengths, flat_masks
 
 
-def _flatten_fast(ext, docs, masks):
+def _flatten_fast(ext, docs, masks, scratch=None):
     """The extension's copy loop (no Python work per document); None when some input needs the
     checked path (lists, non-contiguous arrays, None masks, or an error to report)."""
-    fast = ext.concat_arrays(docs, False)
+    n_tokens = None
+    if scratch is not None:
+        try:
+            n_tokens = sum(map(len, docs))
+        except TypeError:  # e.g. a 0-d array: the checked path words the error
+            return None
+    # 8 bytes a token: enough for int64 tokens, whatever dtype the extension picks.
+    fast = ext.concat_arrays(docs, False, None if scratch is None else scratch("tokens", 8 * n_tokens))
     if fast is None:
         return None
     tokens, lengths = fast[0].numpy(), fast[1].numpy()
     if masks is None:
         return tokens, lengths, None
-    fast = ext.concat_arrays(masks, True)
+    fast = ext.concat_arrays(masks, True, None if scratch is None else scratch("masks", n_tokens))
     if fast is None or len(masks) != len(docs) or not np.array_equal(fast[1].numpy(), lengths):
         return None
     return tokens, lengths, fast[0].numpy()
@@ -379,270 +375,136 @@ def _flatten_checked(docs, masks):
     return tokens, lengths, flat_masks
 
 
-def _build_rows_cuda(ext, tokens, doc_offsets, masks, plan, row_len, pad_id, ignore_index):
-    """Copies the tokens and the plan to the current CUDA device and fills the rows there."""
+def _build_rows_cuda(ext, tokens, doc_offsets, masks, plan, n_segs, row_len, pad_id, ignore_index):
+    """Copies the tokens and the plan (its six int64 arrays) to the current CUDA device and fills
+    the rows there."""
     device = torch.device("cuda", torch.cuda.current_device())
     # One host-to-device copy for all int64 plan arrays (doc offsets, four piece arrays, two row
     # arrays), split back into views on the device.
-    parts = [doc_offsets, *plan[:6]]
+    parts = [doc_offsets, *plan]
     packed = torch.cat(parts).pin_memory().to(device, non_blocking=True)
     parts = torch.split(packed, [p.numel() for p in parts])
     tokens = tokens.pin_memory().to(device, non_blocking=True)
     if masks is not None:
         masks = masks.pin_memory().to(device, non_blocking=True)
-    n_segs = int(plan[5][-1])
     stream = torch.cuda.current_stream(device).cuda_stream
     return ext.build_rows_cuda(tokens, parts[0], masks, *parts[1:], n_segs, row_len, pad_id,
                                ignore_index, stream)
 
 
 # ------------------------------------------------------------------------------------------------
-# Streaming helpers: cutting and joining batches along rows
+# The fallback when the extension is not built: csrc/packing.cpp's plan() and build_rows() in
+# numpy, with Python loops over pieces (not tokens) for the placement and the copies.
 # ------------------------------------------------------------------------------------------------
 
 
-def _chunks(items, size):
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) == size:
-            yield buffer
-            buffer = []
-    if buffer:
-        yield buffer
-
-
-def _row_stats(doc_ids, row_len):
-    n_rows = doc_ids.shape[0]
-    padding = int((doc_ids < 0).sum())
-    tokens = n_rows * row_len
-    return {"rows": n_rows, "tokens": tokens, "padding": padding,
-            "utilization": 1.0 - padding / tokens if tokens else 0.0}
-
-
-def _slice_rows(b: PackedBatch, start: int, stop: int, row_len: int) -> PackedBatch:
-    """Rows [start, stop) of b; cu_seqlens re-based (every row start is a boundary)."""
-    cu = b.cu_seqlens
-    bounds = torch.tensor([start * row_len, stop * row_len], dtype=cu.dtype, device=cu.device)
-    lo, hi = torch.searchsorted(cu, bounds).tolist()
-    cu = cu[lo:hi + 1] - start * row_len
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
-    doc_ids = b.doc_ids[start:stop]
-    stats = {**b.stats, **_row_stats(doc_ids, row_len)}
-    return PackedBatch(b.input_ids[start:stop], b.targets[start:stop], b.position_ids[start:stop],
-                       cu, max_seqlen, doc_ids, stats)
-
-
-def _concat_rows(a: PackedBatch, b: PackedBatch, row_len: int) -> PackedBatch:
-    cu = torch.cat([a.cu_seqlens[:-1], b.cu_seqlens + a.input_ids.shape[0] * row_len])
-    doc_ids = torch.cat([a.doc_ids, b.doc_ids])
-    return PackedBatch(torch.cat([a.input_ids, b.input_ids]), torch.cat([a.targets, b.targets]),
-                       torch.cat([a.position_ids, b.position_ids]), cu,
-                       max(a.max_seqlen, b.max_seqlen), doc_ids,
-                       {**b.stats, **_row_stats(doc_ids, row_len)})
-
-
-# ------------------------------------------------------------------------------------------------
-# The numba fallback: csrc/packing.cpp's plan() and build_rows(), line for line. Plain Python
-# that numba compiles on first use (and caches on disk).
-# ------------------------------------------------------------------------------------------------
-
-
-def _plan_kernel(lengths, row_len, best_fit):
+def _plan_numpy(lengths, row_len, best_fit):
+    """plan() of csrc/packing.cpp: lengths (n,) int64 -> (piece_doc, piece_start, piece_len,
+    piece_offset (P,), row_first_piece, row_first_seg (R + 1,), max_seqlen, split_docs,
+    empty_docs), the pieces in row-major order."""
     cap = row_len + 1
-    n_docs = lengths.shape[0]
-    n_pieces = 0
-    split_docs = 0
-    empty_docs = 0
-    for d in range(n_docs):
-        if lengths[d] == 0:
-            empty_docs += 1
+    n_pieces_of = -(-lengths // cap)  # (n,)
+    doc = np.repeat(np.arange(len(lengths)), n_pieces_of)  # (P,) pieces in document order
+    start = (np.arange(len(doc)) - (np.cumsum(n_pieces_of) - n_pieces_of)[doc]) * cap
+    length = np.minimum(cap, lengths[doc] - start)
+
+    if best_fit:
+        order = np.argsort(-length, kind="stable")  # longest first, ties in document order
+        bin_of, offset_of, room = _place_best_fit(length[order].tolist(), cap)
+    else:
+        order = np.arange(len(doc))
+        bin_of, offset_of, room = order, np.zeros(len(doc), np.int64), cap - length
+    # Row-major order: a stable sort by bin keeps each bin's pieces in placement (= offset) order.
+    by_row = np.argsort(bin_of, kind="stable")
+    piece = order[by_row]  # (P,) piece index in document order
+    n_rows = len(room)
+    row_first_piece = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(bin_of, minlength=n_rows), out=row_first_piece[1:])
+    piece_offset = np.asarray(offset_of, np.int64)[by_row]
+
+    # Attention segments per row: the pieces with an input token, then the padding tail if any.
+    n_in = np.minimum(length[piece], row_len - piece_offset)  # (P,) input slots of each piece
+    fill = cap - np.asarray(room, np.int64)  # (R,) bin slots in use
+    piece_row = np.repeat(np.arange(n_rows), np.diff(row_first_piece))
+    segs = np.bincount(piece_row[n_in > 0], minlength=n_rows) + (fill < row_len)
+    row_first_seg = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(segs, out=row_first_seg[1:])
+    max_seqlen = max(int(n_in.max(initial=0)), int((row_len - fill).max(initial=0)))
+    return (doc[piece], start[piece], length[piece], piece_offset, row_first_piece, row_first_seg,
+            max_seqlen, int((lengths > cap).sum()), int((lengths == 0).sum()))
+
+
+def _place_best_fit(lengths, cap):
+    """Best fit for pieces in placement order (a list of ints): returns per piece its bin and its
+    offset in the bin, and each bin's free slots at the end."""
+    # Open bins with free slots as (room, -step last changed, bin), sorted: the first entry
+    # >= (need, -step) is the fullest bin that fits, the most recently changed among equals.
+    open_bins = []
+    bin_of, offset_of, room = [], [], []
+    for step, need in enumerate(lengths):
+        i = bisect.bisect_left(open_bins, (need, -step))
+        if i < len(open_bins):
+            free, _, b = open_bins.pop(i)
         else:
-            if lengths[d] > cap:
-                split_docs += 1
-            n_pieces += (lengths[d] + cap - 1) // cap
-
-    # Pieces in document order.
-    doc = np.empty(n_pieces, np.int64)
-    start = np.empty(n_pieces, np.int64)
-    length = np.empty(n_pieces, np.int64)
-    p = 0
-    for d in range(n_docs):
-        s = 0
-        while s < lengths[d]:
-            doc[p] = d
-            start[p] = s
-            length[p] = min(cap, lengths[d] - s)
-            p += 1
-            s += cap
-
-    # Placement order: longest first, ties in document order (stable counting sort).
-    order = np.empty(n_pieces, np.int64)
-    if best_fit:
-        first = np.zeros(cap + 2, np.int64)
-        for p in range(n_pieces):
-            first[cap - length[p] + 1] += 1
-        for k in range(1, cap + 2):
-            first[k] += first[k - 1]
-        for p in range(n_pieces):
-            k = cap - length[p]
-            order[first[k]] = p
-            first[k] += 1
-    else:
-        for p in range(n_pieces):
-            order[p] = p
-
-    # Place. Open bins with r free slots sit on stack r; a segment tree over r in [0, cap] marks
-    # the non-empty stacks (leaves at [size, 2 * size), inner node = OR of its children).
-    bin_of = np.empty(n_pieces, np.int64)
-    offset_of = np.empty(n_pieces, np.int64)
-    room = np.empty(n_pieces, np.int64)
-    n_bins = 0
-    if best_fit:
-        size = 1
-        while size < cap + 1:
-            size *= 2
-        tree = np.zeros(2 * size, np.uint8)
-        top = np.full(cap + 1, -1, np.int64)
-        below = np.empty(n_pieces, np.int64)
-        for k in range(n_pieces):
-            p = order[k]
-            want = length[p]
-            # r = the smallest marked leaf >= want, or -1.
-            i = want + size
-            r = -1
-            if tree[i]:
-                r = want
-            else:
-                while i > 1:
-                    if i % 2 == 0 and tree[i + 1]:
-                        i += 1
-                        while i < size:
-                            i = 2 * i if tree[2 * i] else 2 * i + 1
-                        r = i - size
-                        break
-                    i //= 2
-            if r < 0:
-                b = n_bins
-                n_bins += 1
-                room[b] = cap
-                below[b] = -1
-            else:
-                b = top[r]
-                top[r] = below[b]
-                if top[r] < 0:  # stack r emptied: unmark leaf r
-                    i = r + size
-                    tree[i] = 0
-                    i //= 2
-                    while i >= 1 and tree[i] != (tree[2 * i] | tree[2 * i + 1]):
-                        tree[i] = tree[2 * i] | tree[2 * i + 1]
-                        i //= 2
-            bin_of[p] = b
-            offset_of[p] = cap - room[b]
-            room[b] -= want
-            if room[b] > 0:
-                below[b] = top[room[b]]
-                top[room[b]] = b
-                i = room[b] + size
-                tree[i] = 1
-                i //= 2
-                while i >= 1 and tree[i] != (tree[2 * i] | tree[2 * i + 1]):
-                    tree[i] = tree[2 * i] | tree[2 * i + 1]
-                    i //= 2
-    else:
-        for p in range(n_pieces):
-            bin_of[p] = p
-            offset_of[p] = 0
-            room[p] = cap - length[p]
-        n_bins = n_pieces
-
-    # Row-major order (stable counting sort by bin keeps placement order within a bin).
-    row_first_piece = np.zeros(n_bins + 1, np.int64)
-    for p in range(n_pieces):
-        row_first_piece[bin_of[p] + 1] += 1
-    for r in range(n_bins):
-        row_first_piece[r + 1] += row_first_piece[r]
-    cursor = row_first_piece[:n_bins].copy()
-    piece_doc = np.empty(n_pieces, np.int64)
-    piece_start = np.empty(n_pieces, np.int64)
-    piece_len = np.empty(n_pieces, np.int64)
-    piece_offset = np.empty(n_pieces, np.int64)
-    for k in range(n_pieces):
-        p = order[k]
-        q = cursor[bin_of[p]]
-        cursor[bin_of[p]] += 1
-        piece_doc[q] = doc[p]
-        piece_start[q] = start[p]
-        piece_len[q] = length[p]
-        piece_offset[q] = offset_of[p]
-
-    # Segments per row: pieces with an input token, then the padding tail.
-    row_first_seg = np.zeros(n_bins + 1, np.int64)
-    max_seqlen = 0
-    for r in range(n_bins):
-        segs = 0
-        for q in range(row_first_piece[r], row_first_piece[r + 1]):
-            n_in = min(piece_len[q], row_len - piece_offset[q])
-            if n_in > 0:
-                segs += 1
-                max_seqlen = max(max_seqlen, n_in)
-        fill = cap - room[r]
-        if fill < row_len:
-            segs += 1
-            max_seqlen = max(max_seqlen, row_len - fill)
-        row_first_seg[r + 1] = row_first_seg[r] + segs
-    return (piece_doc, piece_start, piece_len, piece_offset, row_first_piece, row_first_seg,
-            max_seqlen, split_docs, empty_docs)
+            free, b = cap, len(room)
+            room.append(cap)
+        bin_of.append(b)
+        offset_of.append(cap - free)
+        room[b] = free - need
+        if room[b] > 0:
+            bisect.insort(open_bins, (room[b], -step, b))
+    return np.array(bin_of, np.int64), offset_of, room
 
 
-def _build_rows_kernel(tokens, doc_offsets, masks, masked, piece_doc, piece_start, piece_len,
-                       piece_offset, row_first_piece, row_first_seg, row_len, pad_id, ignore_index):
-    n_rows = row_first_piece.shape[0] - 1
-    input_ids = np.empty((n_rows, row_len), np.int64)
-    targets = np.empty((n_rows, row_len), np.int64)
-    position_ids = np.empty((n_rows, row_len), np.int64)
-    doc_ids = np.empty((n_rows, row_len), np.int64)
-    cu_seqlens = np.empty(row_first_seg[n_rows] + 1, np.int32)
-    cu_seqlens[row_first_seg[n_rows]] = n_rows * row_len
+def _build_rows_numpy(tokens, doc_offsets, masks, plan, row_len, pad_id, ignore_index, out):
+    """build_rows() of csrc/packing.cpp, writing into `out`: four (R, row_len) int64 arrays and
+    cu_seqlens (S + 1,) int32. One Python step per piece, copying its tokens as slices."""
+    piece_doc, piece_start, piece_len, piece_offset, row_first_piece = (a.tolist() for a in plan[:5])
+    doc_offsets = doc_offsets.tolist()
+    inputs, tgt, pos, dids = (a.reshape(-1) for a in out[:4])  # flat (R * row_len,) views
+    arange = np.arange(row_len)
+    n_rows = len(row_first_piece) - 1
+    starts = []  # segment starts over the flat rows
     for r in range(n_rows):
         base = r * row_len
-        seg = row_first_seg[r]
         last = row_first_piece[r + 1]
         fill = 0
         for q in range(row_first_piece[r], last):
-            off = piece_offset[q]
-            length = piece_len[q]
-            d = piece_doc[q]
+            off, length, d = piece_offset[q], piece_len[q], piece_doc[q]
             src = doc_offsets[d] + piece_start[q]
             fill = off + length
-            n_in = min(length, row_len - off)
+            n_in = min(length, row_len - off)  # input slots this piece covers
             if n_in <= 0:
                 continue
-            cu_seqlens[seg] = base + off
-            seg += 1
-            for j in range(n_in):
-                input_ids[r, off + j] = tokens[src + j]
-                position_ids[r, off + j] = j
-                doc_ids[r, off + j] = d
+            a = base + off
+            starts.append(a)
+            inputs[a:a + n_in] = tokens[src:src + n_in]
+            pos[a:a + n_in] = arange[:n_in]
+            dids[a:a + n_in] = d
+            # Targets inside the piece: the next token of the same document, unless masked.
             n_inner = min(n_in, length - 1)
-            for j in range(n_inner):
-                scored = not masked or masks[src + j + 1] != 0
-                targets[r, off + j] = tokens[src + j + 1] if scored else ignore_index
+            nxt = tokens[src + 1:src + 1 + n_inner]
+            if masks is not None:
+                nxt = np.where(masks[src + 1:src + 1 + n_inner] != 0, nxt, ignore_index)
+            tgt[a:a + n_inner] = nxt
             if n_inner < n_in:
+                # The last token sits in an input slot: it predicts the next piece's first token
+                # when that piece starts a document (its BOS), else nothing.
                 t = ignore_index
                 if q + 1 < last and piece_start[q + 1] == 0:
-                    nsrc = doc_offsets[piece_doc[q + 1]]
-                    if not masked or masks[nsrc] != 0:
-                        t = tokens[nsrc]
-                targets[r, off + n_in - 1] = t
-        if fill < row_len:
-            cu_seqlens[seg] = base + fill
-            for s in range(fill, row_len):
-                input_ids[r, s] = pad_id
-                targets[r, s] = ignore_index
-                position_ids[r, s] = s - fill
-                doc_ids[r, s] = -1
-    return input_ids, targets, position_ids, doc_ids, cu_seqlens
+                    first = doc_offsets[piece_doc[q + 1]]
+                    if masks is None or masks[first] != 0:
+                        t = tokens[first]
+                tgt[a + n_in - 1] = t
+        if fill < row_len:  # the padding tail: its own segment, positions from 0
+            a, b = base + fill, base + row_len
+            starts.append(a)
+            inputs[a:b] = pad_id
+            tgt[a:b] = ignore_index
+            pos[a:b] = arange[:row_len - fill]
+            dids[a:b] = -1
+    out[4][:-1] = starts
+    out[4][-1] = n_rows * row_len
 
 
 # ------------------------------------------------------------------------------------------------
