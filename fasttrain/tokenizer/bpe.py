@@ -280,10 +280,11 @@ def _table_rehash(keys, vals, size):
 
 
 @numba.njit(cache=True)
-def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
-    """Learn up to n_merges merges over the unique chunks; returns an (n, 2) array of id pairs."""
+def _chunk_positions(pool, u_start, u_len, u_count):
+    """One position per byte of every chunk of 2+ bytes, each chunk a linked list: its token id
+    (the byte, to start with), the next and previous position (-1 at the ends), and the chunk's
+    count as the weight of every pair that starts there."""
     n_words = u_len.size
-    # -- positions: one per byte of every chunk of 2+ bytes; a linked list per chunk.
     n_pos = 0
     for u in range(n_words):
         if u_len[u] >= 2:
@@ -303,8 +304,16 @@ def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
             prv[p + t] = p + t - 1 if t > 0 else -1
             weight[p + t] = u_count[u]
         p += m
+    return tok, nxt, prv, weight
 
-    # -- pairs: key (left << 32 | right) -> pair index; count and position list per pair.
+
+@numba.njit(cache=True)
+def _pair_table(tok, nxt, weight):
+    """Every adjacent pair of the chunks: key (left << 32 | right) -> pair index (keys, vals: an
+    open-addressing table), and per pair its ids (pa, pb), its count, and its positions,
+    ascending, in ppos[pstart : pstart + plen]. Returns the arrays, n_pairs and ppos_used."""
+    n_pos = tok.size
+    # sized for the 256 x 256 pairs of bytes there can be at most; merges grow them
     keys = np.full(1 << 17, -1, dtype=np.int64)
     vals = np.zeros(1 << 17, dtype=np.int64)
     n_pairs = 0
@@ -338,15 +347,14 @@ def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
             i = vals[_table_find(keys, (np.int64(tok[p]) << 32) | tok[nxt[p]])]
             ppos[fill[i]] = p
             fill[i] += 1
-    ppos_used = total
+    return keys, vals, pa, pb, pcount, pstart, plen, n_pairs, ppos, total
 
-    hc = np.zeros(max(16, n_pairs), dtype=np.int64)
-    hp = np.zeros(max(16, n_pairs), dtype=np.int32)
-    hsize = 0
-    for i in range(n_pairs):
-        hc, hp, hsize = _heap_push(hc, hp, hsize, pcount[i], i, pa, pb)
 
-    # -- token bytes, to skip merges that would duplicate an existing token
+@numba.njit(cache=True)
+def _token_table(n_merges):
+    """The bytes of every token, tbytes[tstart : tstart + tlen] (the 256 bytes to start with),
+    and a table of the merged tokens' bytes, to skip merges that would duplicate a token.
+    Returns the arrays and tused, the bytes of tbytes in use."""
     n_tokens = 256 + n_merges
     tstart = np.zeros(n_tokens, dtype=np.int64)
     tlen = np.zeros(n_tokens, dtype=np.int64)
@@ -362,6 +370,140 @@ def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
         tlen[t] = 1
         tbytes[t] = t
         tused += 1
+    return tstart, tlen, tbytes, tused, tkeys, tvals
+
+
+# The three steps of one merge are inlined into the merge loop (numba's inline="always"): called
+# as functions, passing and returning the tables every merge made training ~7% slower.
+@numba.njit(cache=True, inline="always")
+def _add_token(a, b, new, tstart, tlen, tbytes, tused, tkeys, tvals):
+    """Make token `new` the bytes of token a then token b, unless a token already has them.
+    Returns (tbytes, grown if needed; the new tused; whether the token was made)."""
+    la, lb = tlen[a], tlen[b]
+    tbytes = _grow(tbytes, tused + la + lb)
+    for t in range(la):
+        tbytes[tused + t] = tbytes[tstart[a] + t]
+    for t in range(lb):
+        tbytes[tused + la + t] = tbytes[tstart[b] + t]
+    h = np.int64(_fnv1a(tbytes, tused, tused + la + lb) >> np.uint64(1))
+    tmask = tkeys.size - 1
+    s = h & tmask
+    duplicate = False
+    while tkeys[s] != -1 and not duplicate:
+        other = tvals[s]
+        if tkeys[s] == h and tlen[other] == la + lb:
+            duplicate = True
+            for t in range(la + lb):
+                if tbytes[tstart[other] + t] != tbytes[tused + t]:
+                    duplicate = False
+                    break
+        if not duplicate:
+            s = (s + 1) & tmask
+    if duplicate:
+        return tbytes, tused, False
+    tkeys[s] = h
+    tvals[s] = new
+    tstart[new] = tused
+    tlen[new] = la + lb
+    return tbytes, tused + la + lb, True
+
+
+@numba.njit(cache=True, inline="always")
+def _merge_pair(i, new, tok, nxt, prv, weight, ppos, keys, vals, pa, pb, pcount, pstart, plen, n_pairs):
+    """Replace every occurrence of pair i by token `new`, left to right, and update the counts of
+    the pairs on either side; pairs seen for the first time get indices from n_pairs on.
+
+    Returns the pair table (its arrays grown if needed), the new n_pairs, and the pair index and
+    position of each pair occurrence made, n_new of them (new_pair, new_pos)."""
+    a, b = pa[i], pb[i]
+    occ_start, occ_len = pstart[i], plen[i]
+    new_pair = np.empty(2 * occ_len, dtype=np.int64)
+    new_pos = np.empty(2 * occ_len, dtype=np.int32)
+    n_new = 0
+    for o in range(occ_start, occ_start + occ_len):
+        p = ppos[o]
+        if tok[p] != a:
+            continue
+        q = nxt[p]
+        if q < 0 or tok[q] != b:
+            continue
+        w = weight[p]
+        left, right = prv[p], nxt[q]
+        if left >= 0:
+            pcount[vals[_table_find(keys, (np.int64(tok[left]) << 32) | a)]] -= w
+        if right >= 0:
+            pcount[vals[_table_find(keys, (np.int64(b) << 32) | tok[right])]] -= w
+        tok[p] = new
+        tok[q] = -1
+        nxt[p] = right
+        if right >= 0:
+            prv[right] = p
+        for side in range(2):
+            if side == 0:
+                if left < 0:
+                    continue
+                key = (np.int64(tok[left]) << 32) | new
+                at = left
+            else:
+                if right < 0:
+                    continue
+                key = (np.int64(new) << 32) | tok[right]
+                at = p
+            if 2 * (n_pairs + 1) > keys.size:
+                keys, vals = _table_rehash(keys, vals, 2 * keys.size)
+            s = _table_find(keys, key)
+            if keys[s] == -1:
+                keys[s] = key
+                vals[s] = n_pairs
+                pa = _grow(pa, n_pairs + 1)
+                pb = _grow(pb, n_pairs + 1)
+                pcount = _grow(pcount, n_pairs + 1)
+                pstart = _grow(pstart, n_pairs + 1)
+                plen = _grow(plen, n_pairs + 1)
+                pa[n_pairs] = key >> 32
+                pb[n_pairs] = key & 0xFFFFFFFF
+                pcount[n_pairs] = 0
+                plen[n_pairs] = 0
+                n_pairs += 1
+            j = vals[s]
+            pcount[j] += w
+            plen[j] += 1
+            new_pair[n_new] = j
+            new_pos[n_new] = at
+            n_new += 1
+    pcount[i] = 0
+    return keys, vals, pa, pb, pcount, pstart, plen, n_pairs, new_pair, new_pos, n_new
+
+
+@numba.njit(cache=True, inline="always")
+def _index_new_pairs(ppos, ppos_used, pstart, plen, first_new, n_pairs, new_pair, new_pos, n_new):
+    """Append the positions of pairs first_new..n_pairs-1 to ppos, grouped by pair (stable, so
+    each list stays ascending). Returns (ppos, grown if needed; the new ppos_used)."""
+    ppos = _grow(ppos, ppos_used + n_new)
+    fill_at = np.empty(n_pairs - first_new, dtype=np.int64)
+    total = ppos_used
+    for j in range(first_new, n_pairs):
+        pstart[j] = total
+        fill_at[j - first_new] = total
+        total += plen[j]
+    for t in range(n_new):
+        j = new_pair[t] - first_new
+        ppos[fill_at[j]] = new_pos[t]
+        fill_at[j] += 1
+    return ppos, total
+
+
+@numba.njit(cache=True)
+def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
+    """Learn up to n_merges merges over the unique chunks; returns an (n, 2) array of id pairs."""
+    tok, nxt, prv, weight = _chunk_positions(pool, u_start, u_len, u_count)
+    keys, vals, pa, pb, pcount, pstart, plen, n_pairs, ppos, ppos_used = _pair_table(tok, nxt, weight)
+    hc = np.zeros(max(16, n_pairs), dtype=np.int64)
+    hp = np.zeros(max(16, n_pairs), dtype=np.int32)
+    hsize = 0
+    for i in range(n_pairs):
+        hc, hp, hsize = _heap_push(hc, hp, hsize, pcount[i], i, pa, pb)
+    tstart, tlen, tbytes, tused, tkeys, tvals = _token_table(n_merges)
 
     merges = np.zeros((n_merges, 2), dtype=np.int32)
     n_done = 0
@@ -372,111 +514,18 @@ def _bpe_merges(pool, u_start, u_len, u_count, n_merges):
             if pcount[i] > 0:
                 hc, hp, hsize = _heap_push(hc, hp, hsize, pcount[i], i, pa, pb)
             continue
-        a, b = pa[i], pb[i]
-        # the merged bytes; skip the pair for good if a token already has them
-        la, lb = tlen[a], tlen[b]
-        tbytes = _grow(tbytes, tused + la + lb)
-        for t in range(la):
-            tbytes[tused + t] = tbytes[tstart[a] + t]
-        for t in range(lb):
-            tbytes[tused + la + t] = tbytes[tstart[b] + t]
-        h = np.int64(_fnv1a(tbytes, tused, tused + la + lb) >> np.uint64(1))
-        tmask = tkeys.size - 1
-        s = h & tmask
-        duplicate = False
-        while tkeys[s] != -1 and not duplicate:
-            other = tvals[s]
-            if tkeys[s] == h and tlen[other] == la + lb:
-                duplicate = True
-                for t in range(la + lb):
-                    if tbytes[tstart[other] + t] != tbytes[tused + t]:
-                        duplicate = False
-                        break
-            if not duplicate:
-                s = (s + 1) & tmask
-        if duplicate:
-            continue
         new = 256 + n_done
-        tkeys[s] = h
-        tvals[s] = new
-        tstart[new] = tused
-        tlen[new] = la + lb
-        tused += la + lb
-        merges[n_done, 0] = a
-        merges[n_done, 1] = b
+        tbytes, tused, made = _add_token(pa[i], pb[i], new, tstart, tlen, tbytes, tused, tkeys, tvals)
+        if not made:  # a token already has the merged bytes: skip the pair for good
+            continue
+        merges[n_done, 0] = pa[i]
+        merges[n_done, 1] = pb[i]
         n_done += 1
-
-        # -- merge every occurrence, left to right; new pairs get indices from first_new on
         first_new = n_pairs
-        occ_start, occ_len = pstart[i], plen[i]
-        new_pair = np.empty(2 * occ_len, dtype=np.int64)
-        new_pos = np.empty(2 * occ_len, dtype=np.int32)
-        n_new = 0
-        for o in range(occ_start, occ_start + occ_len):
-            p = ppos[o]
-            if tok[p] != a:
-                continue
-            q = nxt[p]
-            if q < 0 or tok[q] != b:
-                continue
-            w = weight[p]
-            left, right = prv[p], nxt[q]
-            if left >= 0:
-                pcount[vals[_table_find(keys, (np.int64(tok[left]) << 32) | a)]] -= w
-            if right >= 0:
-                pcount[vals[_table_find(keys, (np.int64(b) << 32) | tok[right])]] -= w
-            tok[p] = new
-            tok[q] = -1
-            nxt[p] = right
-            if right >= 0:
-                prv[right] = p
-            for side in range(2):
-                if side == 0:
-                    if left < 0:
-                        continue
-                    key = (np.int64(tok[left]) << 32) | new
-                    at = left
-                else:
-                    if right < 0:
-                        continue
-                    key = (np.int64(new) << 32) | tok[right]
-                    at = p
-                if 2 * (n_pairs + 1) > keys.size:
-                    keys, vals = _table_rehash(keys, vals, 2 * keys.size)
-                s = _table_find(keys, key)
-                if keys[s] == -1:
-                    keys[s] = key
-                    vals[s] = n_pairs
-                    pa = _grow(pa, n_pairs + 1)
-                    pb = _grow(pb, n_pairs + 1)
-                    pcount = _grow(pcount, n_pairs + 1)
-                    pstart = _grow(pstart, n_pairs + 1)
-                    plen = _grow(plen, n_pairs + 1)
-                    pa[n_pairs] = key >> 32
-                    pb[n_pairs] = key & 0xFFFFFFFF
-                    pcount[n_pairs] = 0
-                    plen[n_pairs] = 0
-                    n_pairs += 1
-                j = vals[s]
-                pcount[j] += w
-                plen[j] += 1
-                new_pair[n_new] = j
-                new_pos[n_new] = at
-                n_new += 1
-        pcount[i] = 0
-        # positions of the new pairs: grouped by pair (stable, so each list stays ascending)
-        ppos = _grow(ppos, ppos_used + n_new)
-        fill_at = np.empty(n_pairs - first_new, dtype=np.int64)
-        total = ppos_used
-        for j in range(first_new, n_pairs):
-            pstart[j] = total
-            fill_at[j - first_new] = total
-            total += plen[j]
-        for t in range(n_new):
-            j = new_pair[t] - first_new
-            ppos[fill_at[j]] = new_pos[t]
-            fill_at[j] += 1
-        ppos_used = total
+        keys, vals, pa, pb, pcount, pstart, plen, n_pairs, new_pair, new_pos, n_new = _merge_pair(
+            i, new, tok, nxt, prv, weight, ppos, keys, vals, pa, pb, pcount, pstart, plen, n_pairs)
+        ppos, ppos_used = _index_new_pairs(ppos, ppos_used, pstart, plen, first_new, n_pairs,
+                                           new_pair, new_pos, n_new)
         for j in range(first_new, n_pairs):
             if pcount[j] > 0:
                 hc, hp, hsize = _heap_push(hc, hp, hsize, pcount[j], j, pa, pb)
