@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fasttrain.config import MIN_VOCAB_SIZE  # noqa: F401 (re-exported; the command line's floor lives with the configs)
 from fasttrain.errors import DataError, RunError
 from fasttrain.tokenizer.bpe import train_bpe
 from fasttrain.tokenizer.chat import CHAT_TOKENS, render_conversation, render_prompt
@@ -25,7 +26,6 @@ SPECIAL_TOKENS = ("<|bos|>", *CHAT_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 _FORMAT = "fasttrain-bpe"
 _VERSION = 1
-MIN_VOCAB_SIZE = 300  # the 256 bytes, the special tokens and a few merges: the command line's floor
 
 
 class Tokenizer:
