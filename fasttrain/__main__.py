@@ -7,40 +7,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 
-from fasttrain.cli import add_dataclass_args, check_ranges, dataclass_from_args
+from fasttrain.cli import add_dataclass_args, dataclass_from_args
+# The configs import no torch, so `--help` and the tokenizer command start at once; each command
+# imports the modules that do its work (torch, Triton) in `run`, when it runs.
+from fasttrain.config import (BaseConfig, ChatConfig, EvalConfig, MidConfig, ModelConfig, SFTConfig, SpeedrunConfig,
+                              TokenizerConfig, TrainConfig)
 from fasttrain.errors import FasttrainError
-from fasttrain.model import ModelConfig
-from fasttrain.tokenizer import MIN_VOCAB_SIZE
-from fasttrain.train import TrainConfig
-
-
-@dataclass
-class TokenizerConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory; the tokenizer goes to <run>/tokenizer", "aliases": ["--run-dir"]})
-    data: list[str] = field(default_factory=list, metadata={"help": "text files or folders (default: the embedded corpus)"})
-    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size, including the 256 bytes and the special tokens", "range": (MIN_VOCAB_SIZE, None)})
-    max_mb: float = field(default=0.0, metadata={"help": "train on at most this many MB of text; 0 = all", "range": (0, None)})
-
-    def __post_init__(self):
-        check_ranges(self)
 
 
 def _commands():
-    # imported here: the stage modules import the loop, and speedrun imports TokenizerConfig from here
-    from fasttrain import evaluate, speedrun
-    from fasttrain.stages import base, mid, sft
     return {
         "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer")]),
         "base": ("base pretraining on raw text", [(TrainConfig, "training"), (ModelConfig, "model"),
-                                                  (base.BaseConfig, "base stage")]),
-        "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (mid.MidConfig, "mid stage")]),
-        "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training"), (sft.SFTConfig, "sft stage")]),
-        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(evaluate.EvalConfig, "eval")]),
-        "chat": ("talk to the chat model", [(evaluate.ChatConfig, "chat")]),
+                                                  (BaseConfig, "base stage")]),
+        "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (MidConfig, "mid stage")]),
+        "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training"), (SFTConfig, "sft stage")]),
+        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(EvalConfig, "eval")]),
+        "chat": ("talk to the chat model", [(ChatConfig, "chat")]),
         "speedrun": ("tokenizer -> base -> mid -> sft -> eval on the embedded default, then a report",
-                     [(speedrun.SpeedrunConfig, "speedrun")]),
+                     [(SpeedrunConfig, "speedrun")]),
     }
 
 
@@ -56,22 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv=None):
-    from fasttrain import evaluate, speedrun
+    args = build_parser().parse_args(argv)
+    _, groups = _commands()[args.command]
+    configs = [dataclass_from_args(cls, args) for cls, _ in groups]
+    if args.command == "tokenizer":  # no torch: numba and tiktoken only
+        from fasttrain.stages.tokenizer import train_tokenizer
+        train_tokenizer(configs[0])
+        return
+    if args.command == "speedrun":
+        from fasttrain.speedrun import speedrun
+        speedrun(configs[0])
+        return
+    from fasttrain import evaluate
     from fasttrain.parallel import init_distributed, shutdown_distributed
     from fasttrain.rundir import claim_stage
     from fasttrain.stages import base, mid, sft
     from fasttrain.train import train
 
-    args = build_parser().parse_args(argv)
-    _, groups = _commands()[args.command]
-    configs = [dataclass_from_args(cls, args) for cls, _ in groups]
-    if args.command == "tokenizer":
-        from fasttrain.stages.common import train_tokenizer
-        train_tokenizer(configs[0])
-        return
-    if args.command == "speedrun":
-        speedrun.speedrun(configs[0])
-        return
     info = init_distributed(getattr(configs[0], "device", "auto"))
     try:
         if args.command in ("base", "mid", "sft"):

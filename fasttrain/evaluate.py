@@ -4,58 +4,19 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
-from fasttrain.cli import check_ranges
+from fasttrain.config import STAGES, ChatConfig, EvalConfig  # noqa: F401 (defined without torch)
 from fasttrain.data.loader import segments_of_rows
 from fasttrain.data.packing import pack_documents
-from fasttrain.errors import ConfigError, RunError
+from fasttrain.errors import RunError
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
 from fasttrain.stages.common import corpus_documents, load_tokenizer
-
-STAGES = ("sft", "mid", "base")
-
-
-@dataclass
-class EvalConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
-    data: list[str] = field(default_factory=list, metadata={"help": "the text the base stage trained on (its held-out part is scored)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    val_tokens: int = field(default=32768, metadata={"help": "held-out tokens to score", "range": (1, None)})
-    problems: int = field(default=20, metadata={"help": "test problems per generated task (chat stages)", "range": (1, None)})
-
-    def __post_init__(self):
-        check_ranges(self)
-        _check_stage(self.stage)
-
-
-@dataclass
-class ChatConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
-    prompt: str = field(default="", metadata={"help": "one message to answer; empty = read messages from stdin, one per line"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest reply in tokens", "range": (1, None)})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy", "range": (0, None)})
-    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all", "range": (0, None)})
-    seed: int = field(default=0, metadata={"help": "sampling seed", "range": (0, 2**32 - 1)})
-
-    def __post_init__(self):
-        check_ranges(self)
-        _check_stage(self.stage)
-
-
-def _check_stage(stage: str):
-    if stage not in ("", *STAGES):
-        raise ConfigError(f"--stage must be empty (the latest stage with a checkpoint) or one of "
-                          f"{', '.join(reversed(STAGES))}; got {stage!r}")
 
 
 def load_model(run: str, stage: str, device: torch.device) -> tuple[GPT, str]:

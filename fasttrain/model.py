@@ -15,51 +15,15 @@ from outside (fasttrain/parallel.py), then `to_empty(device=...)` and `init_weig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttrain import kernels
-from fasttrain.cli import check_ranges
-from fasttrain.errors import ConfigError
+from fasttrain.config import ROPE_SCALINGS, ModelConfig  # noqa: F401 (the model's config, defined without torch)
 
 IGNORE_INDEX = -1  # targets with this value are not scored (padding, user turns in SFT)
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
-
-
-@dataclass
-class ModelConfig:
-    depth: int = field(default=4, metadata={"help": "number of blocks; the one size dial: width and heads follow from it", "range": (1, None)})
-    aspect_ratio: int = field(default=64, metadata={"help": "model width = depth * aspect_ratio (unless --n-embd is set)", "range": (1, None)})
-    n_embd: int = field(default=0, metadata={"help": "model width; 0 derives it from --depth", "range": (0, None)})
-    head_dim: int = field(default=64, metadata={"help": "width of one attention head (even, for RoPE)", "range": (2, 256)})
-    n_head: int = field(default=0, metadata={"help": "query heads; 0 derives n_embd // head_dim", "range": (0, None)})
-    n_kv_head: int = field(default=0, metadata={"help": "key/value heads (GQA when fewer than n_head); 0 means n_head", "range": (0, None)})
-    vocab_size: int = field(default=0, metadata={"help": "set from the tokenizer; 0 = not yet", "cli": False, "range": (0, None)})
-    mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width = mlp_ratio * n_embd", "range": (1, None)})
-    logit_softcap: float = field(default=15.0, metadata={"help": "logits = c * tanh(logits / c); 0 disables", "range": (0, None)})
-    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base frequency", "range": (0, None), "low_exclusive": True})
-    rope_scaling: str = field(default="none", metadata={"help": "RoPE scaling for context extension: none, linear, ntk, yarn, llama3"})
-    rope_factor: float = field(default=1.0, metadata={"help": "context extension factor for --rope-scaling", "range": (1, None)})
-    rope_original_len: int = field(default=0, metadata={"help": "sequence length the model was trained at before extension (yarn, llama3); 0 = max_seq_len", "range": (0, None)})
-    max_seq_len: int = field(default=512, metadata={"help": "longest sequence the RoPE tables cover (set from --seq-len)", "cli": False, "range": (1, None)})
-
-    def __post_init__(self):
-        check_ranges(self)
-        if self.n_embd == 0:
-            self.n_embd = self.depth * self.aspect_ratio
-        if self.n_head == 0:
-            self.n_head = max(1, self.n_embd // self.head_dim)
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        if self.n_head % self.n_kv_head:
-            raise ConfigError(f"--n-head ({self.n_head}) must be a multiple of --n-kv-head ({self.n_kv_head})")
-        if self.head_dim % 2:
-            raise ConfigError(f"--head-dim must be even for RoPE, got {self.head_dim}")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ConfigError(f"--rope-scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from fasttrain.checkpoint import checkpoint_folders, newest_checkpoint
 from fasttrain.errors import ConfigError, FasttrainError, RunError, file_system
-from fasttrain.parallel import DistInfo, broadcast_from_main
+
+# The layout functions import no torch (the tokenizer command uses them and starts at once);
+# claiming a stage imports checkpoint.py and parallel.py, which do, when it runs.
+if TYPE_CHECKING:
+    from fasttrain.parallel import DistInfo
 
 
 def tokenizer_dir(run: str | os.PathLike) -> Path:
@@ -58,6 +61,8 @@ def claim_stage(run: str | os.PathLike, stage: str, info: DistInfo, *, resume: b
                 overwrite: bool = False, resumable: bool = True) -> Iterator[Stage]:
     """Lock `<run>/<stage>` for this run for the duration of the block, and decide how it starts.
     `resumable`: whether the command has a --resume to suggest (the speedrun has not)."""
+    from fasttrain.parallel import broadcast_from_main
+
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
                           "stage's run, --overwrite moves it aside and starts afresh; pass one")
@@ -102,6 +107,8 @@ def _lock(run: Path, stage: str):
 
 def _prepare(run: Path, stage: str, resume: bool, overwrite: bool, resumable: bool) -> Stage:
     """Rank 0, holding the lock: what the stage folder holds, and what to do about it."""
+    from fasttrain.checkpoint import checkpoint_folders, newest_checkpoint
+
     path = stage_dir(run, stage)
     held = _contents(path)
     if held and overwrite:
@@ -127,6 +134,8 @@ def _prepare(run: Path, stage: str, resume: bool, overwrite: bool, resumable: bo
 
 def _contents(path: Path) -> str:
     """What a stage folder holds, in words ("" when nothing)."""
+    from fasttrain.checkpoint import checkpoint_folders
+
     folders = checkpoint_folders(path)
     if folders:
         return f"checkpoints up to {folders[-1].name}"

@@ -9,36 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttrain.cli import check_ranges
-from fasttrain.errors import ConfigError
+from fasttrain.config import SpeedrunConfig, TokenizerConfig
 from fasttrain.model import ModelConfig
-from fasttrain.tokenizer import MIN_VOCAB_SIZE
 from fasttrain.train import TrainConfig
-
-
-@dataclass
-class SpeedrunConfig:
-    run: str = field(default="runs/speedrun", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    depth: int = field(default=2, metadata={"help": "model depth (width = 64 x depth)", "range": (1, None)})
-    vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary", "range": (MIN_VOCAB_SIZE, None)})
-    tokenizer_mb: float = field(default=8.0, metadata={"help": "MB of corpus the tokenizer trains on; 0 = all", "range": (0, None)})
-    seq_len: int = field(default=256, metadata={"help": "tokens per row", "range": (1, None)})
-    batch_tokens: int = field(default=4096, metadata={"help": "tokens per optimizer step", "range": (1, None)})
-    base_steps: int = field(default=120, metadata={"help": "base pretraining steps (0 = the token budget)", "range": (0, None)})
-    mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)", "range": (0, None)})
-    sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)", "range": (0, None)})
-    seed: int = field(default=1337, metadata={"help": "seed", "range": (0, 2**32 - 1)})
-    overwrite: bool = field(default=False, metadata={"help": "if the run folder holds an earlier speedrun, move its stages aside and start again"})
-
-    def __post_init__(self):
-        check_ranges(self)
-        # checked here too (the stages check it again) so a bad pair fails before the tokenizer trains
-        if self.batch_tokens % self.seq_len:
-            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be a multiple of --seq-len ({self.seq_len})")
 
 
 PROMPTS = ["Who are you?", "What is 3 plus 4?", "Spell the word python.", "Hello!"]
@@ -51,12 +26,12 @@ def stage_losses(metrics_path: Path, k: int = 5) -> tuple[float, float]:
 
 
 def speedrun(cfg: SpeedrunConfig):
-    from fasttrain.__main__ import TokenizerConfig
     from fasttrain.evaluate import generate, load_model, run_eval, EvalConfig
     from fasttrain.parallel import barrier, init_distributed, shutdown_distributed
     from fasttrain.rundir import claim_stage
     from fasttrain.stages import base, mid, sft
-    from fasttrain.stages.common import load_tokenizer, train_tokenizer
+    from fasttrain.stages.common import load_tokenizer
+    from fasttrain.stages.tokenizer import train_tokenizer
     from fasttrain.train import train
 
     info = init_distributed(cfg.device)

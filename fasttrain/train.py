@@ -26,48 +26,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from fasttrain.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from fasttrain.cli import check_ranges
+from fasttrain.config import TrainConfig  # defined without torch, for the command line
 from fasttrain.data.loader import PackedLoader
 from fasttrain.data.packing import packing_backend
-from fasttrain.errors import ConfigError, Diverged, Interrupted, RunError, file_system
+from fasttrain.errors import Diverged, Interrupted, RunError, file_system
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
 from fasttrain.optim import build_optimizers
 from fasttrain.parallel import DistInfo, all_reduce_max, all_reduce_sum, apply_fsdp
 from fasttrain.rundir import Stage, tokenizer_dir
-
-
-@dataclass
-class TrainConfig:
-    run: str = field(default="runs/default", metadata={"help": "run directory; each stage writes <run>/<stage>/", "aliases": ["--run-dir"]})
-    data: list[str] = field(default_factory=list, metadata={"help": "data files or folders (default: the embedded corpus / generated tasks)"})
-    max_steps: int = field(default=0, metadata={"help": "the stage's length in optimizer steps (the LR schedule spans it); 0 = the stage's own budget", "range": (0, None)})
-    seq_len: int = field(default=256, metadata={"help": "tokens per row", "range": (1, None)})
-    batch_tokens: int = field(default=8192, metadata={"help": "tokens per optimizer step over all ranks (gradient accumulation fills it)", "range": (1, None)})
-    micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward on one rank", "range": (1, None)})
-    lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the hidden matrices", "range": (0, None)})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate for the embedding (scaled by 1/sqrt(width/768))", "range": (0, None)})
-    head_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate for the LM head (scaled by 1/sqrt(width/768))", "range": (0, None)})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": (0, None)})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables", "range": (0, None)})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    seed: int = field(default=1337, metadata={"help": "seed for initialisation and data order", "range": (0, 2**32 - 1)})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)", "range": (0, None)})
-    resume: bool = field(default=False, metadata={"help": "continue this stage from its newest intact checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "start the stage afresh even if it holds a run: the old one is moved aside to <run>/<stage>.old-<k>"})
-    keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints of the stage (0 = all)", "range": (0, None)})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many bad steps in a row (non-finite loss or gradients: update skipped; or loss worse than a uniform guess)", "range": (1, None)})
-    log_every: int = field(default=1, metadata={"help": "print a progress line every N steps", "range": (1, None)})
-
-    def __post_init__(self):
-        check_ranges(self)
-        if self.batch_tokens % self.seq_len:
-            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be a multiple of --seq-len ({self.seq_len})")
-        if self.rows_per_step() % self.micro_batch:
-            raise ConfigError(f"--batch-tokens / --seq-len = {self.rows_per_step()} rows per step, which --micro-batch "
-                              f"({self.micro_batch}) must divide; change one of them")
-
-    def rows_per_step(self) -> int:
-        return self.batch_tokens // self.seq_len
 
 
 @dataclass

@@ -3,27 +3,15 @@ warmup -> stable -> linear warmdown, a token budget of tokens_per_param x parame
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from fasttrain.cli import check_ranges
+from fasttrain.config import BaseConfig
 from fasttrain.data.loader import PackedLoader
 from fasttrain.model import ModelConfig, count_params
 from fasttrain.parallel import DistInfo
 from fasttrain.stages.common import corpus_documents, load_tokenizer
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
-
-
-@dataclass
-class BaseConfig:
-    tokens_per_param: float = field(default=20.0, metadata={"help": "token budget = this x parameter count (unless --max-steps)", "range": (0, None), "low_exclusive": True})
-    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps", "range": (0, None)})
-    warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay", "range": (0, 1)})
-    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak", "range": (0, 1)})
-
-    def __post_init__(self):
-        check_ranges(self)
 
 
 def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistInfo) -> StagePlan:

@@ -9,19 +9,16 @@ import time
 from pathlib import Path
 
 from fasttrain.checkpoint import read_meta, require_checkpoint
+from fasttrain.config import MIN_MIXTURE_SIZE  # noqa: F401 (re-exported)
 from fasttrain.data.shards import ShardError, TokenShard, temp_path, write_shard
-from fasttrain.data.sources import (default_corpus_files, iter_conversations, iter_documents, iter_gsm8k,
-                                    iter_multiple_choice, source_files)
+from fasttrain.data.sources import default_corpus_files, iter_conversations, iter_gsm8k, iter_multiple_choice, source_files
 from fasttrain.data.tasks import default_mid_mixture, default_sft_mixture
 from fasttrain.errors import DataError, RunError, file_system
 from fasttrain.model import ModelConfig
 from fasttrain.parallel import DistInfo, barrier
 from fasttrain.rundir import stage_dir, tokenizer_dir
+from fasttrain.stages.tokenizer import corpus_texts, train_tokenizer  # noqa: F401 (train_tokenizer re-exported)
 from fasttrain.tokenizer import Tokenizer
-
-
-# The default mixtures draw from five tasks; a smaller mixture cannot hold one of each.
-MIN_MIXTURE_SIZE = 5
 
 
 def load_tokenizer(run: str) -> Tokenizer:
@@ -53,30 +50,6 @@ def conversation_documents(tokenizer: Tokenizer, conversations, max_len: int):
         docs.append(ids)
         masks.append(mask)
     return docs, masks
-
-
-def _limited(texts, max_bytes: int):
-    """The texts, stopping once max_bytes of UTF-8 have been given (0 = no limit)."""
-    seen = 0
-    for text in texts:
-        if max_bytes and seen >= max_bytes:
-            return
-        seen += len(text.encode("utf-8"))
-        yield text
-
-
-def corpus_texts(paths: list[str]):
-    """Documents of the given files/folders, or of the embedded default corpus."""
-    return iter_documents(paths or default_corpus_files())
-
-
-def train_tokenizer(cfg) -> Tokenizer:
-    start = time.perf_counter()
-    tokenizer = Tokenizer.train(_limited(corpus_texts(cfg.data), int(cfg.max_mb * 1e6)), cfg.vocab_size)
-    with file_system("saving the tokenizer"):
-        path = tokenizer.save(tokenizer_dir(cfg.run))
-    print(f"tokenizer: {tokenizer.vocab_size} tokens in {time.perf_counter() - start:.1f}s -> {path}", file=sys.stderr)
-    return tokenizer
 
 
 class DocumentRange:

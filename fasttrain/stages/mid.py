@@ -8,34 +8,14 @@ config, so the base weights load unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
-from fasttrain.cli import check_ranges
+from fasttrain.config import MidConfig
 from fasttrain.data.loader import PackedLoader
-from fasttrain.errors import ConfigError
-from fasttrain.model import ROPE_SCALINGS
 from fasttrain.parallel import DistInfo
-from fasttrain.stages.common import MIN_MIXTURE_SIZE, conversation_documents, load_tokenizer, previous_checkpoint, task_conversations
+from fasttrain.stages.common import conversation_documents, load_tokenizer, previous_checkpoint, task_conversations
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
-
-
-@dataclass
-class MidConfig:
-    mixture_size: int = field(default=20000, metadata={"help": "generated conversations in the default task mixture (at least one per task)", "range": (MIN_MIXTURE_SIZE, None)})
-    warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay to 0", "range": (0, 1)})
-    rope_base: float = field(default=0.0, metadata={"help": "new RoPE base frequency for context extension; 0 keeps the base model's", "range": (0, None)})
-    rope_scaling: str = field(default="", metadata={"help": "new RoPE scaling (none, linear, ntk, yarn, llama3); empty keeps the base model's"})
-    rope_factor: float = field(default=0.0, metadata={"help": "context extension factor (>= 1) for --rope-scaling; 0 keeps the base model's", "range": (0, None)})
-
-    def __post_init__(self):
-        check_ranges(self)
-        if 0 < self.rope_factor < 1:
-            raise ConfigError(f"--rope-factor must be 0 (keep the base model's) or >= 1 (the new context over the "
-                              f"old), got {self.rope_factor}")
-        if self.rope_scaling not in ("", *ROPE_SCALINGS):
-            raise ConfigError(f"--rope-scaling must be empty (keep the base model's) or one of "
-                              f"{', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
 
 
 def plan(cfg: TrainConfig, mid: MidConfig, info: DistInfo) -> StagePlan:

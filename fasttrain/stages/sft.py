@@ -1,28 +1,16 @@
 """Chat SFT: continue from the mid checkpoint, one conversation per document, only assistant
 tokens scored (assistant content and the assistant-end token; the mask rule lives in
-`Tokenizer.render_conversation`), packed with document masking or one conversation per row."""
+fasttrain/tokenizer/chat.py), packed with document masking or one conversation per row."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 
-from fasttrain.cli import check_ranges
+from fasttrain.config import SFTConfig
 from fasttrain.data.loader import PackedLoader
 from fasttrain.errors import ConfigError
 from fasttrain.parallel import DistInfo
-from fasttrain.stages.common import MIN_MIXTURE_SIZE, conversation_documents, load_tokenizer, previous_checkpoint, task_conversations
+from fasttrain.stages.common import conversation_documents, load_tokenizer, previous_checkpoint, task_conversations
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
-
-
-@dataclass
-class SFTConfig:
-    mixture_size: int = field(default=5000, metadata={"help": "generated conversations in the default SFT mixture (at least one per task)", "range": (MIN_MIXTURE_SIZE, None)})
-    epochs: int = field(default=1, metadata={"help": "passes over the conversations", "range": (1, None)})
-    pack: bool = field(default=True, metadata={"help": "pack conversations with document masking (--no-pack: one per row, padded)"})
-    warmdown_frac: float = field(default=0.5, metadata={"help": "LR is flat, then decays linearly to 0 over this fraction of steps", "range": (0, 1)})
-
-    def __post_init__(self):
-        check_ranges(self)
 
 
 def plan(cfg: TrainConfig, sft: SFTConfig, info: DistInfo) -> StagePlan:
