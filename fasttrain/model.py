@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from fasttrain import kernels
 from fasttrain.cli import check_ranges
+from fasttrain.data.batch import IGNORE_INDEX  # noqa: F401 -- re-exported; the data layer owns it
 from fasttrain.errors import ConfigError
 
-IGNORE_INDEX = -1  # targets with this value are not scored (padding, user turns in SFT)
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
 
