@@ -33,7 +33,3 @@ class Batch:
         return Batch(self.input_ids.to(device, non_blocking=nb), self.targets.to(device, non_blocking=nb),
                      self.cu_seqlens.to(device, non_blocking=nb), self.max_seqlen)
 
-    def pin_memory(self) -> "Batch":
-        """A copy in page-locked host memory (needs CUDA), so that `to("cuda")` is asynchronous."""
-        return Batch(self.input_ids.pin_memory(), self.targets.pin_memory(), self.cu_seqlens.pin_memory(),
-                     self.max_seqlen)

@@ -44,13 +44,15 @@ def epoch_order(seed: int, epoch: int, n_docs: int) -> np.ndarray:
 
 @dataclass
 class PackedBuffer:
-    """One buffer of the global row stream: R packed rows in their shuffled order, with the
-    segment lengths of every row, so a micro-batch's cu_seqlens is a cumsum of a slice."""
-    input_ids: torch.Tensor  # (R, T) int64
-    targets: torch.Tensor  # (R, T) int64, IGNORE_INDEX where not scored
+    """One buffer of the global row stream: R packed rows and the order they are taken in, with
+    the segment lengths of every row, so a micro-batch's cu_seqlens is a cumsum of a slice.
+    "Row i" below is the i-th row taken, packed row perm[i]."""
+    input_ids: torch.Tensor  # (R, T) int64, in packing order
+    targets: torch.Tensor  # (R, T) int64, in packing order; IGNORE_INDEX where not scored
+    perm: torch.Tensor  # (R,) int64: the packed row that is taken i-th
     seg_lens: np.ndarray  # (S,) int64: the segments' lengths, row after row
-    row_seg: np.ndarray  # (R + 1,) int64: row r's segments are seg_lens[row_seg[r]:row_seg[r + 1]]
-    padding: np.ndarray  # (R,) int64: padding tokens in each row
+    row_seg: np.ndarray  # (R + 1,) int64: row i's segments are seg_lens[row_seg[i]:row_seg[i + 1]]
+    padding: np.ndarray  # (R,) int64: padding tokens in row i
     stats: dict  # the packer's stats for the buffer (rows, tokens, padding, utilization, docs, ...)
 
     @property
@@ -76,43 +78,83 @@ def shuffle_rows(seg_lens: np.ndarray, row_seg: np.ndarray, perm: np.ndarray) ->
     return seg_lens[np.arange(len(shift)) + shift], new_row_seg
 
 
-class RowStream:
-    """The global row stream as a pure function of the cursor, with the two caches that make it
-    cheap: the current epoch's document order and the last packed buffer. Not thread-safe: one
-    thread (the loop's, or the prefetcher's) uses an instance at a time."""
+class _PackAhead:
+    """One buffer being packed on a daemon thread while the steps of the one before it are cut."""
 
-    def __init__(self, loader: "PackedLoader"):
+    def __init__(self, pack, key: tuple[int, int]):
+        self.key, self._result, self._error = key, None, None
+        self.thread = threading.Thread(target=self._run, args=(pack,), name="fasttrain-pack", daemon=True)
+        self.thread.start()
+
+    def _run(self, pack):
+        try:
+            self._result = pack(*self.key)
+        except BaseException as e:  # noqa: BLE001 -- raised where the buffer is needed
+            self._error = e
+
+    def result(self) -> "PackedBuffer":
+        self.thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class RowStream:
+    """The global row stream as a pure function of the cursor, with the caches that make it
+    cheap: the current epoch's document order and the buffer in use. With pack_ahead, the next
+    buffer is packed on another thread as soon as one is taken into use, so packing a buffer
+    (the bulk of the loader's work, once every few dozen steps) overlaps cutting steps from the
+    one before it. Not thread-safe: one thread (the loop's, or the prefetcher's) calls step()."""
+
+    def __init__(self, loader: "PackedLoader", pack_ahead: bool = False):
         self.docs, self.masks, self.seq_len = loader.docs, loader.masks, loader.seq_len
         self.seed, self.buffer_docs, self.pad_id, self.mode = loader.seed, loader.buffer_docs, loader.pad_id, loader.mode
         self.rows_per_step, self.micro_batch_rows = loader.rows_per_step, loader.micro_batch_rows
         self.rank, self.world_size, self.pin = loader.rank, loader.world_size, loader.pin_memory
         self.n_buffers = -(-len(self.docs) // self.buffer_docs)  # buffers per epoch
+        self.pack_ahead = pack_ahead
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, epoch_order(...))
+        self._order_lock = threading.Lock()  # the pack-ahead thread may start the next epoch
         self._packed: tuple[tuple[int, int], PackedBuffer] | None = None  # ((epoch, buffer), ...)
+        self._ahead: _PackAhead | None = None
 
     def order(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.seed, epoch, len(self.docs)))
-        return self._order[1]
+        with self._order_lock:
+            if self._order is None or self._order[0] != epoch:
+                self._order = (epoch, epoch_order(self.seed, epoch, len(self.docs)))
+            return self._order[1]
 
     def buffer(self, epoch: int, buffer: int) -> PackedBuffer:
-        if self._packed is None or self._packed[0] != (epoch, buffer):
-            chosen = self.order(epoch)[buffer * self.buffer_docs:(buffer + 1) * self.buffer_docs]
-            docs = [np.asarray(self.docs[i]) for i in chosen]
-            masks = [np.asarray(self.masks[i]) for i in chosen] if self.masks is not None else None
-            packed = pack_documents(docs, self.seq_len, masks=masks, pad_id=self.pad_id,
-                                    ignore_index=IGNORE_INDEX, mode=self.mode)
-            n_rows = packed.input_ids.size(0)
-            seg_lens, row_seg = row_segments(packed.cu_seqlens.numpy(), n_rows, self.seq_len)
-            padding = (packed.doc_ids < 0).sum(1).numpy()
-            # best-fit fills rows longest-document-first: shuffle the rows so that no step
-            # sees only long documents
-            perm = np.random.default_rng([self.seed, epoch, buffer]).permutation(n_rows)
-            seg_lens, row_seg = shuffle_rows(seg_lens, row_seg, perm)
-            rows = torch.from_numpy(perm)
-            self._packed = ((epoch, buffer), PackedBuffer(packed.input_ids[rows], packed.targets[rows], seg_lens,
-                                                          row_seg, padding[perm], packed.stats))
+        key = (epoch, buffer)
+        if self._packed is None or self._packed[0] != key:
+            ahead, self._ahead = self._ahead, None
+            self._packed = (key, ahead.result() if ahead is not None and ahead.key == key else self._pack(*key))
+            if self.pack_ahead:
+                following = (epoch, buffer + 1) if buffer + 1 < self.n_buffers else (epoch + 1, 0)
+                self._ahead = _PackAhead(self._pack, following)
         return self._packed[1]
+
+    def close(self):
+        """Wait for the buffer being packed ahead, if any (it stays usable)."""
+        if self._ahead is not None:
+            self._ahead.thread.join()
+
+    def _pack(self, epoch: int, buffer: int) -> PackedBuffer:
+        chosen = self.order(epoch)[buffer * self.buffer_docs:(buffer + 1) * self.buffer_docs]
+        docs = [np.asarray(self.docs[i]) for i in chosen]
+        masks = [np.asarray(self.masks[i]) for i in chosen] if self.masks is not None else None
+        packed = pack_documents(docs, self.seq_len, masks=masks, pad_id=self.pad_id,
+                                ignore_index=IGNORE_INDEX, mode=self.mode)
+        n_rows = packed.input_ids.size(0)
+        seg_lens, row_seg = row_segments(packed.cu_seqlens.numpy(), n_rows, self.seq_len)
+        # a row's padding is its tail, the row's last segment (doc id -1 at the row's end)
+        padding = np.where(packed.doc_ids[:, -1].numpy() < 0, seg_lens[row_seg[1:] - 1], 0)
+        # best-fit fills rows longest-document-first: take the rows in a shuffled order so that
+        # no step sees only long documents (the rows are gathered when a step is cut)
+        perm = np.random.default_rng([self.seed, epoch, buffer]).permutation(n_rows)
+        seg_lens, row_seg = shuffle_rows(seg_lens, row_seg, perm)
+        return PackedBuffer(packed.input_ids, packed.targets, torch.from_numpy(perm), seg_lens, row_seg,
+                            padding[perm], packed.stats)
 
     def rows_per_epoch(self) -> int:
         return sum(self.buffer(0, b).rows for b in range(self.n_buffers))
@@ -159,8 +201,11 @@ class RowStream:
         n = sum(b - a for _, a, b in spans)  # rows_per_step // world_size
         input_ids = torch.empty((n, self.seq_len), dtype=torch.int64, pin_memory=self.pin)
         targets = torch.empty((n, self.seq_len), dtype=torch.int64, pin_memory=self.pin)
-        torch.cat([buf.input_ids[a:b] for buf, a, b in spans], out=input_ids)
-        torch.cat([buf.targets[a:b] for buf, a, b in spans], out=targets)
+        start = 0
+        for buf, a, b in spans:  # gather the rows in the order they are taken
+            torch.index_select(buf.input_ids, 0, buf.perm[a:b], out=input_ids[start:start + b - a])
+            torch.index_select(buf.targets, 0, buf.perm[a:b], out=targets[start:start + b - a])
+            start += b - a
         seg_lens = np.concatenate([buf.seg_lens[buf.row_seg[a]:buf.row_seg[b]] for buf, a, b in spans])
         row_seg = np.zeros(n + 1, np.int64)  # (n + 1,) as PackedBuffer.row_seg, over this rank's rows
         np.cumsum(np.concatenate([np.diff(buf.row_seg[a:b + 1]) for buf, a, b in spans]), out=row_seg[1:])
@@ -222,7 +267,7 @@ class PackedLoader:
         # the cursor of the last step the loop took (not the prefetcher's, which runs ahead)
         self.epoch, self.buffer, self.row = 0, 0, 0
         self.last_stats: dict = {}  # of the last step taken: utilization, padding, epoch, wait_s
-        self._stream = RowStream(self)
+        self._stream = RowStream(self, pack_ahead=prefetch > 0)
         self._rows_per_epoch: int | None = None
         self._worker: tuple[threading.Thread, queue.Queue, threading.Event] | None = None
 
@@ -276,6 +321,7 @@ class PackedLoader:
             stop.set()
             thread.join()
             self._worker = None
+        self._stream.close()
 
     def __del__(self):
         if getattr(self, "_worker", None) is not None:
