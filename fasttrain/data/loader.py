@@ -14,7 +14,9 @@ Cost: an epoch's document order is one O(N) shuffle; a buffer is packed once and
 lengths are read off the packer's cu_seqlens then, so a step costs O(its rows) plus, amortised,
 packing `buffer_docs` documents per buffer -- nothing grows with the corpus. With `prefetch` > 0
 a background thread builds the next steps' batches (in pinned memory when CUDA is available)
-while the loop trains on the current one; the batches are the same as without it.
+while the loop trains on the current one, and the next buffer is packed on another thread while
+steps are cut from the current one; the batches are the same as without prefetch, and the
+cursor saved is that of the last step the loop took.
 """
 from __future__ import annotations
 
