@@ -10,10 +10,10 @@ import torch
 
 from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
 from fasttrain.config import STAGES, ChatConfig, EvalConfig  # noqa: F401 (defined without torch)
-from fasttrain.data.loader import segments_of_rows
-from fasttrain.data.packing import pack_documents
+from fasttrain.data.batch import IGNORE_INDEX, Batch
+from fasttrain.data.loader import PackedLoader
 from fasttrain.errors import RunError
-from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
+from fasttrain.model import GPT, ModelConfig
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
 from fasttrain.stages.common import corpus_documents, load_tokenizer
@@ -58,21 +58,33 @@ def generate(model: GPT, ids: list[int], max_new_tokens: int, stop_id: int | Non
     return out
 
 
+def validation_rows(docs, seq_len: int, max_tokens: int, pad_id: int, seed: int = 0) -> list[Batch]:
+    """An unbiased, seeded sample of held-out rows, packed like training: the first
+    max_tokens // seq_len rows (at least one, at most one epoch) of the loader's stream over
+    `docs` -- documents in a seeded random order, packed per buffer, rows shuffled -- each a
+    Batch of one row. (Packing everything and taking the first rows would score the longest
+    documents only: best-fit places them first.)"""
+    loader = PackedLoader(docs, seq_len, rows_per_step=1, micro_batch_rows=1, rank=0, world_size=1, seed=seed,
+                          pad_id=pad_id, prefetch=0)
+    rows = []
+    while len(rows) < max(1, max_tokens // seq_len) and loader.epoch == 0:
+        rows += loader.next_step()
+    return rows
+
+
 @torch.no_grad()
-def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int) -> dict:
-    """Mean loss per scored token and bits per byte on held-out documents, packed like training."""
+def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int, seed: int = 0) -> dict:
+    """Mean loss per scored token and bits per byte on a seeded sample of about max_tokens
+    held-out tokens (see validation_rows); the same seed scores the same rows in every stage."""
     device = model.cos.device
-    packed = pack_documents([docs[i] for i in range(len(docs))], seq_len, pad_id=tokenizer.bos_id, ignore_index=IGNORE_INDEX)
-    rows = min(packed.input_ids.size(0), max(1, max_tokens // seq_len))
     # bytes per token id; the special tokens stand for no text
     token_bytes = torch.tensor([len(b) for b in tokenizer.token_bytes] + [0] * len(tokenizer.special_tokens),
                                dtype=torch.float64)
     loss_sum, n_tokens, n_bytes = 0.0, 0, 0.0
-    for r in range(rows):
-        inputs, targets = packed.input_ids[r:r + 1], packed.targets[r:r + 1]
-        cu, max_len = segments_of_rows(packed.position_ids[r:r + 1], packed.doc_ids[r:r + 1])
-        loss_sum += float(model(inputs.to(device), targets.to(device), cu.to(device), max_len))
-        scored = targets[targets != IGNORE_INDEX]
+    for row in validation_rows(docs, seq_len, max_tokens, tokenizer.bos_id, seed):
+        row = row.to(device)
+        loss_sum += float(model(row.input_ids, row.targets, row.cu_seqlens, row.max_seqlen))
+        scored = row.targets[row.targets != IGNORE_INDEX].cpu()
         n_tokens += scored.numel()
         n_bytes += float(token_bytes[scored].sum())
     return {"val_loss": loss_sum / max(n_tokens, 1), "val_bpb": loss_sum / math.log(2) / max(n_bytes, 1),

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from fasttrain import kernels
 from fasttrain.config import ROPE_SCALINGS, ModelConfig  # noqa: F401 (the model's config, defined without torch)
-
-IGNORE_INDEX = -1  # targets with this value are not scored (padding, user turns in SFT)
+from fasttrain.data.batch import IGNORE_INDEX  # noqa: F401 -- re-exported; the data layer owns it
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

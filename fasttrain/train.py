@@ -27,10 +27,11 @@ from torch.distributed.tensor import DTensor
 
 from fasttrain.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from fasttrain.config import TrainConfig  # defined without torch, for the command line
+from fasttrain.data.batch import IGNORE_INDEX
 from fasttrain.data.loader import PackedLoader
 from fasttrain.data.packing import packing_backend
 from fasttrain.errors import Diverged, Interrupted, RunError, file_system
-from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig
+from fasttrain.model import GPT, ModelConfig
 from fasttrain.optim import build_optimizers
 from fasttrain.parallel import DistInfo, all_reduce_max, all_reduce_sum, apply_fsdp
 from fasttrain.rundir import Stage, tokenizer_dir
@@ -189,7 +190,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
     bad_in_a_row, bad_total = 0, 0
     last_good = stage.resume_from  # the checkpoint to go back to if the run diverges
 
-    with StopSignals() as stop:
+    # closing: stops the loader's prefetch thread however the loop ends (a signal, an error)
+    with StopSignals() as stop, contextlib.closing(plan.loader):
         while step < last_step:
             t0 = time.perf_counter()
             batches = [b.to(info.device) for b in plan.loader.next_step()]
@@ -216,7 +218,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
             if info.is_main:
                 record = {"step": step, "loss": _json_number(loss_value), "grad_norm": _json_number(grad_norm),
                           "lr": multiplier, "tokens_per_s": tokens_per_s, "scored_tokens": int(n_scored.item()),
-                          "utilization": plan.loader.last_stats.get("utilization"), "skipped": not finite,
+                          "utilization": plan.loader.last_stats.get("utilization"),
+                          "data_wait_s": plan.loader.last_stats.get("wait_s"), "skipped": not finite,
                           "bad_steps": bad_total}
                 if mfu is not None:
                     record["mfu"] = mfu

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasttrain.data.loader import MicroBatch
+from fasttrain.data.batch import Batch
 from fasttrain.errors import ConfigError
 from fasttrain.model import GPT, IGNORE_INDEX, ModelConfig, count_params
 from fasttrain.optim import Muon, zeropower_via_newtonschulz5
@@ -87,7 +87,7 @@ def test_accumulated_gradient_is_the_global_token_mean():
     t[0, :7] = IGNORE_INDEX  # micro-batch 0 scores far fewer tokens than micro-batch 1
     t[1, 3:] = IGNORE_INDEX
     whole = torch.tensor([0, 9, 18], dtype=torch.int32)
-    batches = [MicroBatch(x[:2], t[:2], whole, 9), MicroBatch(x[2:], t[2:], whole, 9)]
+    batches = [Batch(x[:2], t[:2], whole, 9), Batch(x[2:], t[2:], whole, 9)]
     loss, n = accumulate_gradients(model, batches, world_size=1)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
