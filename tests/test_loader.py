@@ -98,20 +98,20 @@ def test_cost_per_step_does_not_grow_with_the_corpus(monkeypatch):
     """Count the work of 30 steps on corpora of 10k and 1M documents: the documents read and
     packed are the same, and the only O(N) work, the epoch's document order, is done once."""
     work = {}
-    real_order, real_pack = loader_module.epoch_order, loader_module.pack_documents
+    real_order, real_pack = loader_module.epoch_order, loader_module.Packer.pack
 
     def counting_order(seed, epoch, n_docs):
         work["orders"] += 1
         work["ordered"] += n_docs
         return real_order(seed, epoch, n_docs)
 
-    def counting_pack(docs, *args, **kw):
+    def counting_pack(self, docs, *args, **kw):
         work["packs"] += 1
         work["packed"] += len(docs)
-        return real_pack(docs, *args, **kw)
+        return real_pack(self, docs, *args, **kw)
 
     monkeypatch.setattr(loader_module, "epoch_order", counting_order)
-    monkeypatch.setattr(loader_module, "pack_documents", counting_pack)
+    monkeypatch.setattr(loader_module.Packer, "pack", counting_pack)
     counts = {}
     for n in (10_000, 1_000_000):
         work.update(orders=0, ordered=0, packs=0, packed=0)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fasttrain.data.batch import IGNORE_INDEX, Batch
-from fasttrain.data.packing import pack_documents
+from fasttrain.data.packing import Packer
 from fasttrain.errors import ConfigError, DataError
 
 Cursor = tuple[int, int, int]  # (epoch, buffer, row within the buffer)
@@ -119,6 +119,11 @@ class RowStream:
         self._order_lock = threading.Lock()  # the pack-ahead thread may start the next epoch
         self._packed: tuple[tuple[int, int], PackedBuffer] | None = None  # ((epoch, buffer), ...)
         self._ahead: _PackAhead | None = None
+        # packing reuses output buffers (fresh pages on every call cost more than the packing):
+        # buffer k of the stream is packed by packer k % 3, because three buffers can be alive at
+        # once (the one a step is finishing, the one it continues into, the one packed ahead)
+        self._packers = [Packer(self.seq_len, pad_id=self.pad_id, ignore_index=IGNORE_INDEX, mode=self.mode)
+                         for _ in range(3)]
 
     def order(self, epoch: int) -> np.ndarray:
         with self._order_lock:
@@ -130,6 +135,8 @@ class RowStream:
         key = (epoch, buffer)
         if self._packed is None or self._packed[0] != key:
             ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead.key != key:  # a jump (resume): wait for it, its packer may be ours
+                ahead.thread.join()
             self._packed = (key, ahead.result() if ahead is not None and ahead.key == key else self._pack(*key))
             if self.pack_ahead:
                 following = (epoch, buffer + 1) if buffer + 1 < self.n_buffers else (epoch + 1, 0)
@@ -145,8 +152,7 @@ class RowStream:
         chosen = self.order(epoch)[buffer * self.buffer_docs:(buffer + 1) * self.buffer_docs]
         docs = [np.asarray(self.docs[i]) for i in chosen]
         masks = [np.asarray(self.masks[i]) for i in chosen] if self.masks is not None else None
-        packed = pack_documents(docs, self.seq_len, masks=masks, pad_id=self.pad_id,
-                                ignore_index=IGNORE_INDEX, mode=self.mode)
+        packed = self._packers[(epoch * self.n_buffers + buffer) % 3].pack(docs, masks)
         n_rows = packed.input_ids.size(0)
         seg_lens, row_seg = row_segments(packed.cu_seqlens.numpy(), n_rows, self.seq_len)
         # a row's padding is its tail, the row's last segment (doc id -1 at the row's end)
