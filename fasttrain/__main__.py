@@ -1,4 +1,4 @@
-"""python -m fasttrain {tokenizer,base,mid,sft,eval,chat,speedrun} --run DIR ...
+"""python -m fasttrain {tokenizer,data,base,mid,sft,eval,chat,speedrun} --run DIR ...
 
 Any command runs single-process as it is, or data-parallel under
 `torchrun --nproc_per_node N -m fasttrain <command> ...`. `--help` on each command lists its flags.
@@ -27,12 +27,25 @@ class TokenizerConfig:
         check_ranges(self)
 
 
+@dataclass
+class DataConfig:
+    run: str = field(default="runs/default", metadata={"help": "run directory: reads <run>/tokenizer, writes the token shards to <run>/data/base", "aliases": ["--run-dir"]})
+    data: list[str] = field(default_factory=list, metadata={"help": "text, JSONL or Parquet files or folders (default: the embedded corpus)"})
+    workers: int = field(default=0, metadata={"help": "tokenising processes; 0 = one per CPU core (at most 16)", "range": (0, None)})
+    shard_tokens: int = field(default=1 << 27, metadata={"help": "tokens per shard (a new shard after this many; 2**27 = 256 MB of uint16)", "range": (1, None)})
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
 def _commands():
     # imported here: the stage modules import the loop, and speedrun imports TokenizerConfig from here
     from fasttrain import evaluate, speedrun
     from fasttrain.stages import base, mid, sft
     return {
         "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer")]),
+        "data": ("tokenise the base corpus into token shards in <run>/data/base (base does it when needed)",
+                 [(DataConfig, "data")]),
         "base": ("base pretraining on raw text", [(TrainConfig, "training"), (ModelConfig, "model"),
                                                   (base.BaseConfig, "base stage")]),
         "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (mid.MidConfig, "mid stage")]),
@@ -68,6 +81,10 @@ def run(argv=None):
     if args.command == "tokenizer":
         from fasttrain.stages.common import train_tokenizer
         train_tokenizer(configs[0])
+        return
+    if args.command == "data":
+        from fasttrain.stages.common import tokenize_corpus
+        tokenize_corpus(configs[0])
         return
     if args.command == "speedrun":
         speedrun.speedrun(configs[0])
