@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 from fasttrain.cli import add_dataclass_args, check_ranges, dataclass_from_args
+from fasttrain.data.corpus import SHARD_TOKENS
 from fasttrain.errors import FasttrainError
 from fasttrain.model import ModelConfig
 from fasttrain.tokenizer import MIN_VOCAB_SIZE
@@ -32,7 +33,7 @@ class DataConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory: reads <run>/tokenizer, writes the token shards to <run>/data/base", "aliases": ["--run-dir"]})
     data: list[str] = field(default_factory=list, metadata={"help": "text, JSONL or Parquet files or folders (default: the embedded corpus)"})
     workers: int = field(default=0, metadata={"help": "tokenising processes; 0 = one per CPU core (at most 16)", "range": (0, None)})
-    shard_tokens: int = field(default=1 << 27, metadata={"help": "tokens per shard (a new shard after this many; 2**27 = 256 MB of uint16)", "range": (1, None)})
+    shard_tokens: int = field(default=SHARD_TOKENS, metadata={"help": "a new shard after this many tokens (2**27: 256 MB of uint16 ids); a worker holds one shard in memory", "range": (1, None)})
 
     def __post_init__(self):
         check_ranges(self)

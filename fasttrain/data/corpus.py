@@ -5,8 +5,8 @@ The token stream is every document of every source file in reading order (`sourc
 document BOS + its tokens. It is cut into work units that depend only on the files (their sizes
 and, for a big JSONL or Parquet file, its bytes or row groups), never on the number of workers:
 
-    unit    consecutive small files adding up to ~unit_bytes, or one piece of a big JSONL file
-            (a byte range, whole lines) or Parquet file (a range of row groups)
+    unit    consecutive small files adding up to ~unit_bytes (3 x shard_tokens), or one piece of
+            a big JSONL file (a byte range, whole lines) or Parquet file (a range of row groups)
     shard   a unit's documents in order, a new shard every shard_tokens tokens (documents are
             never split across shards, so a shard may run over by one document; a unit's last
             shard holds the rest); the format is fasttrain.data.shards
@@ -45,7 +45,10 @@ from fasttrain.errors import DataError, file_system
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 27  # 256 MB of uint16 tokens per shard
-BYTES_PER_TOKEN = 4  # a guess of UTF-8 bytes per token, to size a unit at about one shard of text
+# units are cut by source bytes, before tokenising: BYTES_PER_TOKEN x shard_tokens bytes each.
+# BPE tokenizers of 8k-64k tokens take ~4-4.5 bytes of English or code per token, so a unit is
+# one shard of ~70% of shard_tokens; a tiny vocabulary (~1.5 bytes per token) makes two full ones.
+BYTES_PER_TOKEN = 3
 ENCODE_BATCH = 256  # documents per tokenizer.encode_batch call
 
 
@@ -260,8 +263,13 @@ def fresh_manifest(cache_dir: Path, key: dict) -> tuple[dict | None, str | None]
     return manifest, None
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 16))
+    return max(1, min(_cores(), 16))
 
 
 def build_corpus(paths: list[str], tokenizer, cache_dir, workers: int = 0, shard_tokens: int = SHARD_TOKENS,
@@ -286,13 +294,13 @@ def build_corpus(paths: list[str], tokenizer, cache_dir, workers: int = 0, shard
         records = {i: _done_record(cache_dir, i) for i in ids}
         todo = [(u, i) for u, i in zip(units, ids) if records[i] is None]
         if reason:
-            log(f"data: {reason}; tokenising again what it changed "
-                f"({len(todo)} of {len(units)} parts, {len(units) - len(todo)} reused)")
+            log(f"data: {reason}; tokenising {len(todo)} of the corpus's {len(units)} parts "
+                f"({len(units) - len(todo)} reused)")
         start, done_bytes = time.perf_counter(), 0
         total_bytes = sum(u.bytes for u, _ in todo)
         n_procs = min(workers, len(todo))
         # tiktoken encodes a batch on several threads; split the cores between the workers
-        threads = max(1, (os.cpu_count() or 1) // max(n_procs, 1))
+        threads = max(1, _cores() // max(n_procs, 1))
         if n_procs > 1:
             tokenizer.save(tokenizer_dir)
         jobs = [(u, i, tokenizer_dir, str(cache_dir), shard_tokens, threads) for u, i in todo]
@@ -314,7 +322,8 @@ def build_corpus(paths: list[str], tokenizer, cache_dir, workers: int = 0, shard
         _remove_unlisted(cache_dir, set(ids))
     if todo:
         seconds = time.perf_counter() - start
-        log(f"data: tokenised the corpus, {total_bytes / 1e6:.1f} MB in {seconds:.1f}s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s, "
+        mb = total_bytes / 1e6
+        log(f"data: tokenised the corpus, {mb:.1f} MB in {seconds:.1f}s ({mb / max(seconds, 1e-9):.1f} MB/s, "
             f"{n_procs} workers): {manifest['tokens']} tokens, {manifest['docs']} documents, "
             f"{len(shards)} shards -> {cache_dir}")
     return manifest
@@ -345,8 +354,8 @@ def wait_for_manifest(cache_dir: Path, key: dict, poll_s: float = 2.0, log=print
     timeout, however long the tokenisation takes. If rank 0 fails, torchrun stops this rank."""
     waited, told = 0.0, False
     while True:
-        manifest = _read_json(cache_dir / MANIFEST)
-        if isinstance(manifest, dict) and cache_change(manifest.get("key"), key) is None:
+        manifest, _ = fresh_manifest(cache_dir, key)
+        if manifest is not None:
             return manifest
         if not told and waited >= 10:
             log(f"data: waiting for rank 0 to tokenise the corpus into {cache_dir}")
