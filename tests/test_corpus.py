@@ -114,12 +114,14 @@ def test_stopped_run_resumes_and_an_edit_retokenises_only_its_part(tokenizer, tm
     monkeypatch.undo()
     assert not (cache / MANIFEST).exists() and len(list(cache.glob("*.done"))) == 3
     before = stamps(cache)
+    orphan = cache / ".u0-0000.bin.999999999.abcd.tmp"  # what a writer killed mid-shard leaves
+    orphan.write_bytes(b"partial")
 
     build_corpus([str(corpus)], tokenizer, cache, workers=2, shard_tokens=300, log=log.append)
     assert "a tokenisation was stopped before it finished" in log[-2] and "3 reused" in log[-2]
     after = stamps(cache)
     assert before and all(after[name] == stamp for name, stamp in before.items())  # reused, not rewritten
-    assert shard_docs(cache) == expected_docs(corpus, tokenizer)
+    assert shard_docs(cache) == expected_docs(corpus, tokenizer) and not orphan.exists()
 
     (corpus / "a00.txt").write_text("an edited first file")
     log.clear()

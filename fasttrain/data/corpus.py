@@ -341,12 +341,26 @@ def _run(jobs: list, n_procs: int) -> Iterator[dict]:
 
 def _remove_unlisted(cache_dir: Path, ids: set[str]) -> None:
     """Delete the shards and records of units the manifest does not use (an edited file's old
-    tokens, a retrained tokenizer's), and the single-shard cache of earlier versions."""
+    tokens, a retrained tokenizer's), the single-shard cache of earlier versions, and the
+    temporary files of writers that were killed (`temp_path` names: .<name>.<pid>.<hex>.tmp)."""
     for f in cache_dir.iterdir():
         unit = f.name.split("-")[0].split(".")[0]
         stale = f.name.startswith("u") and f.suffix in (".bin", ".done") and unit not in ids
-        if stale or f.name in ("tokens.bin", "sources.json"):
+        if stale or f.name in ("tokens.bin", "sources.json") or _orphan_temp(f.name):
             f.unlink(missing_ok=True)
+
+
+def _orphan_temp(name: str) -> bool:
+    parts = name.split(".")
+    if not (name.startswith(".") and name.endswith(".tmp") and len(parts) >= 5 and parts[-3].isdigit()):
+        return False
+    try:
+        os.kill(int(parts[-3]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, under another user
+        return False
+    return False
 
 
 def wait_for_manifest(cache_dir: Path, key: dict, poll_s: float = 2.0, log=print) -> dict:

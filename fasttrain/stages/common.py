@@ -105,18 +105,6 @@ def corpus_documents(paths: list[str], tokenizer: Tokenizer, cache_dir: Path, in
     return split_corpus(open_shards(cache_dir, manifest), tokenizer.bos_id, split, val_tokens)
 
 
-def tokenize_documents(texts, tokenizer: Tokenizer, batch: int = 256):
-    """BOS + tokens of each text, encoded in batches on several threads."""
-    pending = []
-    for text in texts:
-        pending.append(text)
-        if len(pending) == batch:
-            yield from ([tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(pending))
-            pending = []
-    if pending:
-        yield from ([tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(pending))
-
-
 def read_conversations(path: str) -> list:
     """A conversation file, its format told by the keys of its first record: "messages" (chat),
     "choices" (multiple choice) or "question" (GSM8K-style)."""
