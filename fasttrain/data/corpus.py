@@ -134,8 +134,10 @@ def _pieces(path: Path, size: int, unit_bytes: int) -> Iterator[tuple[tuple[int,
     """((start, stop), bytes) pieces of a big file: byte ranges of a JSONL file (each line read by
     the piece it starts in), runs of row groups of a Parquet file."""
     if path.suffix.lower() == ".jsonl":
-        for start in range(0, size, unit_bytes):
-            yield (start, min(start + unit_bytes, size)), min(unit_bytes, size - start)
+        n = -(-size // unit_bytes)
+        step = -(-size // n)  # n equal pieces rather than full ones and a small rest
+        for start in range(0, size, step):
+            yield (start, min(start + step, size)), min(step, size - start)
         return
     first, run = 0, 0
     sizes = parquet_row_group_bytes(path)
