@@ -137,10 +137,16 @@ def test_stopped_run_resumes_and_an_edit_retokenises_only_its_part(tokenizer, tm
 
 def test_bad_files_are_named(tokenizer, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_txt=2, n_lines=200)
-    (corpus / "empty.txt").write_text("")
-    with pytest.raises(DataError, match="empty.txt: empty file"):
-        build_corpus([str(corpus)], tokenizer, tmp_path / "cache", log=quiet)
-    (corpus / "empty.txt").unlink()
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="empty.txt: empty file"):  # given by name: an empty download
+        build_corpus([str(corpus), str(tmp_path / "empty.txt")], tokenizer, tmp_path / "cache", log=quiet)
+    (corpus / "__init__.py").write_text("")  # in a folder: skipped, as the standard library's are
+    manifest = build_corpus([str(corpus)], tokenizer, tmp_path / "cache", log=quiet)
+    assert manifest["docs"] == len(expected_docs(corpus, tokenizer)) == 2 + 200
+    (corpus / "only").mkdir()
+    (corpus / "only" / "__init__.py").write_text("")
+    with pytest.raises(DataError, match="every file given looks binary or is empty"):
+        build_corpus([str(corpus / "only")], tokenizer, tmp_path / "cache", log=quiet)
     with open(corpus / "b.jsonl", "a") as f:
         f.write("{not json\n")
     at = (corpus / "b.jsonl").stat().st_size - len("{not json\n")

@@ -200,7 +200,7 @@ def test_binary_files_are_skipped_with_one_warning(tmp_path, capsys):
                      f"warning: {folder / 'c.dat'} looks binary (mostly not UTF-8); skipped"]
     (folder / "a.txt").unlink()
     (folder / "d.txt").unlink()
-    with pytest.raises(DataError, match="every file given looks binary"):
+    with pytest.raises(DataError, match="every file given looks binary or is empty"):
         list(iter_documents(folder))
 
 

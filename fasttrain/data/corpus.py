@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from fasttrain.data.shards import ShardError, TokenShard, temp_path, token_dtype, write_shard
-from fasttrain.data.sources import (all_binary_error, default_corpus_files, file_documents, parquet_row_group_bytes,
+from fasttrain.data.sources import (all_binary_error, check_not_empty, default_corpus_files, file_documents, parquet_row_group_bytes,
                                     source_files, splittable)
 from fasttrain.errors import DataError, file_system
 
@@ -56,8 +56,12 @@ ENCODE_BATCH = 256  # documents per tokenizer.encode_batch call
 
 
 def corpus_files(paths: list[str]) -> list[Path]:
-    """The source files in reading order (folders expanded), or the embedded default corpus's."""
-    return source_files(paths) if paths else default_corpus_files()
+    """The source files in reading order (folders expanded), or the embedded default corpus's.
+    A file named in paths must hold text; empty files in a folder are skipped."""
+    if not paths:
+        return default_corpus_files()
+    check_not_empty(paths)
+    return source_files(paths)
 
 
 def corpus_key(paths: list[str], fingerprint: str) -> dict:

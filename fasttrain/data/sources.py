@@ -162,11 +162,11 @@ def _binary_reason(data: bytes) -> str | None:
 
 
 def text_document(path: Path) -> str | None:
-    """A text file as one document, or None (with one warning line) when it looks binary. An
-    empty file is a DataError: it is most likely a failed download or copy."""
+    """A text file as one document; None for an empty file (a package's __init__.py: nothing to
+    learn from), and for one that looks binary (with one warning line)."""
     data = path.read_bytes()
     if not data.strip():
-        raise DataError(f"{path}: empty file (no text); remove it or fill it")
+        return None
     reason = _binary_reason(data)
     if reason is None:
         return data.decode("utf-8", errors="replace")
@@ -202,8 +202,8 @@ def splittable(path: Path) -> bool:
 def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
     """Every document under paths (files or folders, folders recursively in sorted order).
 
-    A text file that looks binary is skipped with one warning line on stderr; if every file is
-    skipped there is nothing to train on, which is a DataError."""
+    A text file that looks binary is skipped with one warning line on stderr, an empty one
+    silently; if every file is skipped there is nothing to train on, which is a DataError."""
     files = _paths(paths)
     skipped = 0
     for path in files:
@@ -218,8 +218,18 @@ def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
 
 def all_binary_error(files: list[Path]) -> DataError:
     shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return DataError(f"every file given looks binary, so there is no text to train on ({shown}); "
+    return DataError(f"every file given looks binary or is empty, so there is no text to train on ({shown}); "
                      "point --data at text, JSONL or Parquet files")
+
+
+def check_not_empty(paths: PathLike | Iterable[PathLike]) -> None:
+    """A DataError naming a file given by name (not found in a folder) that holds no text: an
+    empty download or copy, which would otherwise be skipped unnoticed."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for p in map(Path, paths):
+        if p.is_file() and p.stat().st_size < 4096 and not p.read_bytes().strip():
+            raise DataError(f"{p}: empty file (no text); remove it from --data or fill it")
 
 
 def default_corpus_files() -> list[Path]:
