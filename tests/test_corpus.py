@@ -4,13 +4,14 @@ held-out data by tokens, and a single text file training through the command lin
 import ast
 import json
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fasttrain.data.corpus as corpus_module
-from fasttrain.data.corpus import MANIFEST, build_corpus, open_shards, split_corpus
+from fasttrain.data.corpus import MANIFEST, build_corpus, corpus_key, open_shards, split_corpus, wait_for_manifest
 from fasttrain.data.shards import TokenShard
 from fasttrain.data.sources import iter_documents
 from fasttrain.errors import DataError
@@ -133,6 +134,16 @@ def test_stopped_run_resumes_and_an_edit_retokenises_only_its_part(tokenizer, tm
     log.clear()
     build_corpus([str(corpus)], tokenizer, cache, shard_tokens=300, log=log.append)
     assert log == [] and stamps(cache) == edited  # nothing changed: nothing done
+
+
+def test_other_ranks_wait_for_the_manifest_without_a_collective(tokenizer, tmp_path):
+    corpus, cache = make_corpus(tmp_path / "corpus", n_txt=2, n_lines=20), tmp_path / "cache"
+    key = corpus_key([str(corpus)], tokenizer.fingerprint)
+    rank0 = threading.Timer(0.3, build_corpus, ([str(corpus)], tokenizer, cache), {"log": quiet})
+    rank0.start()  # rank 0 starts tokenising later than this rank starts waiting
+    manifest = wait_for_manifest(cache, key, poll_s=0.05, log=quiet)
+    rank0.join()
+    assert manifest == json.loads((cache / MANIFEST).read_text())
 
 
 def test_bad_files_are_named(tokenizer, tmp_path):
