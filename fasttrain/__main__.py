@@ -1,4 +1,4 @@
-"""python -m fasttrain {tokenizer,base,mid,sft,eval,chat,speedrun} --run DIR ...
+"""python -m fasttrain {tokenizer,data,base,mid,sft,eval,chat,speedrun} --run DIR ...
 
 Any command runs single-process as it is, or data-parallel under
 `torchrun --nproc_per_node N -m fasttrain <command> ...`. `--help` on each command lists its flags.
@@ -11,14 +11,16 @@ import sys
 from fasttrain.cli import add_dataclass_args, dataclass_from_args
 # The configs import no torch, so `--help` and the tokenizer command start at once; each command
 # imports the modules that do its work (torch, Triton) in `run`, when it runs.
-from fasttrain.config import (BaseConfig, ChatConfig, EvalConfig, MidConfig, ModelConfig, SFTConfig, SpeedrunConfig,
-                              TokenizerConfig, TrainConfig)
+from fasttrain.config import (BaseConfig, ChatConfig, DataConfig, EvalConfig, MidConfig, ModelConfig, SFTConfig,
+                              SpeedrunConfig, TokenizerConfig, TrainConfig)
 from fasttrain.errors import FasttrainError
 
 
 def _commands():
     return {
         "tokenizer": ("train a BPE tokenizer into <run>/tokenizer", [(TokenizerConfig, "tokenizer")]),
+        "data": ("tokenise the base corpus into token shards in <run>/data/base (base does it when needed)",
+                 [(DataConfig, "data")]),
         "base": ("base pretraining on raw text", [(TrainConfig, "training"), (ModelConfig, "model"),
                                                   (BaseConfig, "base stage")]),
         "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (MidConfig, "mid stage")]),
@@ -48,6 +50,10 @@ def run(argv=None):
     if args.command == "tokenizer":  # no torch: numba and tiktoken only
         from fasttrain.stages.tokenizer import train_tokenizer
         train_tokenizer(configs[0])
+        return
+    if args.command == "data":
+        from fasttrain.stages.common import tokenize_corpus
+        tokenize_corpus(configs[0])
         return
     if args.command == "speedrun":
         from fasttrain.speedrun import speedrun

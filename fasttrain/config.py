@@ -28,6 +28,21 @@ class TokenizerConfig:
         check_ranges(self)
 
 
+# --- token shards (python -m fasttrain data; base does it when needed)
+SHARD_TOKENS = 1 << 27  # 256 MB of uint16 tokens per shard
+
+
+@dataclass
+class DataConfig:
+    run: str = field(default="runs/default", metadata={"help": "run directory: reads <run>/tokenizer, writes the token shards to <run>/data/base", "aliases": ["--run-dir"]})
+    data: list[str] = field(default_factory=list, metadata={"help": "text, JSONL or Parquet files or folders (default: the embedded corpus)"})
+    workers: int = field(default=0, metadata={"help": "tokenising processes; 0 = one per CPU core (at most 16)", "range": (0, None)})
+    shard_tokens: int = field(default=SHARD_TOKENS, metadata={"help": "a new shard after this many tokens (2**27: 256 MB of uint16 ids); a worker holds one shard in memory", "range": (1, None)})
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
 # --- training: every stage (fasttrain/train.py)
 @dataclass
 class TrainConfig:
@@ -107,6 +122,7 @@ class BaseConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps", "range": (0, None)})
     warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay", "range": (0, 1)})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak", "range": (0, 1)})
+    val_tokens: int = field(default=0, metadata={"help": "tokens held out for validation, the end of the token stream; 0 = 1%% of it (at least 4096 when the corpus has twice that, at most 4M)", "range": (0, None)})
 
     def __post_init__(self):
         check_ranges(self)

@@ -108,10 +108,18 @@ def task_accuracy(model: GPT, tokenizer, problems: int, seed: int = 0) -> dict:
     return scores
 
 
+def _base_val_tokens(run: str) -> int:
+    """The held-out size the base stage trained with (its --val-tokens), so that eval scores
+    the same held-out tokens; 0 (the default split) when there is no base checkpoint to ask."""
+    ckpt = newest_checkpoint(stage_dir(run, "base"))
+    return int(read_meta(ckpt).get("base", {}).get("val_tokens", 0)) if ckpt is not None else 0
+
+
 def run_eval(cfg: EvalConfig, info: DistInfo) -> dict:
     tokenizer = load_tokenizer(cfg.run)
     model, stage = load_model(cfg.run, cfg.stage, info.device)
-    val_docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="val")
+    val_docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="val",
+                                val_tokens=_base_val_tokens(cfg.run))
     result = {"stage": stage, **validation_loss(model, tokenizer, val_docs, min(256, model.config.max_seq_len),
                                                 cfg.val_tokens)}
     if stage != "base":

@@ -21,6 +21,7 @@ import pytest
 import torch.distributed as dist
 
 from fasttrain.__main__ import _commands
+from fasttrain.data.corpus import open_shards
 from fasttrain.data.shards import TokenShard
 from fasttrain.data.sources import iter_conversations, iter_documents
 from fasttrain.errors import ConfigError, DataError
@@ -199,7 +200,7 @@ def test_binary_files_are_skipped_with_one_warning(tmp_path, capsys):
                      f"warning: {folder / 'c.dat'} looks binary (mostly not UTF-8); skipped"]
     (folder / "a.txt").unlink()
     (folder / "d.txt").unlink()
-    with pytest.raises(DataError, match="every file given looks binary"):
+    with pytest.raises(DataError, match="every file given looks binary or is empty"):
         list(iter_documents(folder))
 
 
@@ -235,7 +236,7 @@ def test_fingerprint(tokenizers, tmp_path):
 # --- the token cache, in-process --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def info():
-    """A 1-process gloo group (corpus_documents waits on a barrier)."""
+    """A 1-process gloo group, as the stages run in."""
     started = not dist.is_initialized()
     info = init_distributed("cpu")
     yield info
@@ -243,10 +244,15 @@ def info():
         shutdown_distributed()
 
 
+def cached_shards(cache: Path) -> list[TokenShard]:
+    """The token shards of the cache's manifest, in stream order."""
+    return open_shards(cache, json.loads((cache / "manifest.json").read_text()))
+
+
 def load_corpus(folder, tokenizer, cache, info, capsys):
     """(documents in the cache, what corpus_documents printed)."""
-    docs = corpus_documents([str(folder)], tokenizer, cache, info, split="train")
-    return len(docs.shard), capsys.readouterr().err
+    corpus_documents([str(folder)], tokenizer, cache, info, split="train")
+    return sum(len(s) for s in cached_shards(cache)), capsys.readouterr().err
 
 
 def test_token_cache_is_rebuilt_when_its_inputs_change(tokenizers, tmp_path, info, capsys):
@@ -274,17 +280,17 @@ def test_token_cache_is_rebuilt_when_its_inputs_change(tokenizers, tmp_path, inf
 
     n, err = load_corpus(folder, b, cache, info, capsys)
     assert n == 51 and "the tokenizer changed" in err
-    shard = TokenShard(cache / "tokens.bin")
+    (shard,) = cached_shards(cache)
     assert int(shard.tokens.max()) < b.vocab_size
     assert shard[0].tolist() == [b.bos_id] + b.encode(texts(50)[0])
 
-    data = (cache / "tokens.bin").read_bytes()
-    (cache / "tokens.bin").write_bytes(data[:-3])  # a damaged shard
+    data = shard.path.read_bytes()
+    shard.path.write_bytes(data[:-3])  # a damaged shard
     n, err = load_corpus(folder, b, cache, info, capsys)
     assert n == 51 and "incomplete or damaged" in err
 
-    # no temporary files are left behind
-    assert sorted(p.name for p in cache.iterdir()) == ["sources.json", "tokens.bin"]
+    # no temporary files are left behind, nor the shards of the corpus before the changes
+    assert sorted(p.suffix for p in cache.iterdir()) == [".bin", ".done", ".json"]
 
 
 # --- through the command line: stale caches, chat files ---------------------------------------
@@ -312,22 +318,22 @@ def test_corpus_edited_in_place_is_tokenised_again(base_run, tmp_path, info, cpu
     run = copy_run(base_run[1], tmp_path / "run")
     # the cache of the 2-document corpus, made in-process as a base run would make it
     corpus_documents([str(corpus)], Tokenizer.load(run / "tokenizer"), run / "data" / "base", info, "train")
-    assert len(TokenShard(run / "data" / "base" / "tokens.bin")) == 2
+    assert sum(map(len, cached_shards(run / "data" / "base"))) == 2
     write_jsonl(corpus / "docs.jsonl", texts(60))
     proc = fasttrain(["base", "--run", run, *TINY, "--data", corpus, "--max-steps", 1, "--overwrite"], cpu_env)
     assert f"{(corpus / 'docs.jsonl').resolve()} changed since the token cache was made" in proc.stderr
-    assert len(TokenShard(run / "data" / "base" / "tokens.bin")) == 60
+    assert sum(map(len, cached_shards(run / "data" / "base"))) == 60
 
 
 def test_retrained_tokenizer_is_noticed_by_the_cache(base_run, tmp_path, cpu_env):
     corpus, run = base_run[0], copy_run(base_run[1], tmp_path / "run")
-    before = TokenShard(run / "data" / "base" / "tokens.bin")
+    (before,) = cached_shards(run / "data" / "base")
     assert int(before.tokens.max()) >= 300  # ids the smaller tokenizer below does not have
     Tokenizer.train(iter_documents(corpus), 300).save(run / "tokenizer")  # as `fasttrain tokenizer` does
     proc = fasttrain(["base", "--run", run, *TINY, "--data", corpus, "--max-steps", 1, "--overwrite"], cpu_env)
     assert "the tokenizer changed since the token cache was made" in proc.stderr
     assert "IndexError" not in proc.stderr
-    after = TokenShard(run / "data" / "base" / "tokens.bin")
+    (after,) = cached_shards(run / "data" / "base")
     assert len(after) == 40 and int(after.tokens.max()) < Tokenizer.load(run / "tokenizer").vocab_size
 
 

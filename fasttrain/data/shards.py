@@ -52,12 +52,15 @@ def write_shard(path: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_si
     dtype = token_dtype(vocab_size)
     arrays = []
     for i, doc in enumerate(docs):
-        a = np.asarray(doc, dtype=np.int64).reshape(-1)
+        # arrays of the shard's dtype are kept as they are (no copy: a shard's documents can be
+        # hundreds of MB); anything else is checked in int64, then converted
+        a = np.asarray(doc)
+        a = a.reshape(-1) if a.dtype == dtype else a.astype(np.int64).reshape(-1)
         if a.size and (a.min() < 0 or a.max() >= vocab_size):
             bad = a[(a < 0) | (a >= vocab_size)][0]
             raise DataError(f"{path}: document {i} has token id {bad}, outside 0..{vocab_size - 1}"
                             " (vocab_size); tokenize with the matching tokenizer")
-        arrays.append(a.astype(dtype))
+        arrays.append(a.astype(dtype, copy=False))
     offsets = np.zeros(len(arrays) + 1, dtype="<u8")
     np.cumsum([a.size for a in arrays], out=offsets[1:])
     header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, int(offsets[-1]), len(arrays))

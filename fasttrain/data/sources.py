@@ -71,7 +71,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: empty file (no JSON lines); remove it or fill it")
 
 
-def _field(path: Path, lineno: int, obj: dict, name: str, kind: type | tuple = str):
+def _field(path: Path, lineno: int | str, obj: dict, name: str, kind: type | tuple = str):
     if name not in obj:
         raise DataError(f"{path}:{lineno}: missing field \"{name}\" (has {sorted(obj)})")
     value = obj[name]
@@ -82,7 +82,7 @@ def _field(path: Path, lineno: int, obj: dict, name: str, kind: type | tuple = s
     return value
 
 
-def _parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
+def _parquet_file(path: Path, column: str = "text"):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -94,16 +94,55 @@ def _parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     if column not in pf.schema_arrow.names:
         raise DataError(f"{path}: no \"{column}\" column (columns: {pf.schema_arrow.names})")
-    row = 0
-    for group in range(pf.num_row_groups):
+    return pf
+
+
+def parquet_row_group_bytes(path: Path) -> list[int]:
+    """The uncompressed size of each row group of a Parquet file (read from its footer only)."""
+    meta = _parquet_file(path).metadata
+    return [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+
+
+def _parquet_texts(path: Path, column: str = "text", groups: tuple[int, int] | None = None) -> Iterator[str]:
+    """The "text" values of row groups groups[0]..groups[1]-1 (all of them when None)."""
+    pf = _parquet_file(path, column)
+    first, stop = groups or (0, pf.num_row_groups)
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(first))
+    for group in range(first, stop):
         for value in pf.read_row_group(group, columns=[column]).column(0).to_pylist():
             if not isinstance(value, str):
                 raise DataError(f"{path}: row {row} of column \"{column}\" is "
                                 f"{type(value).__name__}, expected a string")
             row += 1
             yield value
-    if row == 0:
+    if row == 0 and groups is None:
         raise DataError(f"{path}: no rows; remove the file or fill it")
+
+
+def _jsonl_range(path: Path, start: int, stop: int) -> Iterator[str]:
+    """The "text" of each JSONL line that starts at a byte offset in [start, stop): the ranges
+    [0, a), [a, b), ... of one file give each line exactly once. Errors name the byte offset
+    of the line (its number is not known without reading the file from the start)."""
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line under way at `start` belongs to the range before
+        while f.tell() < stop:
+            at = f.tell()
+            raw = f.readline()
+            if not raw:
+                break
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: the line at byte {at} is not UTF-8 JSON ({e}); "
+                                "each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: the line at byte {at} is a JSON {type(obj).__name__}, expected an object")
+            yield _field(path, f"byte {at}", obj, "text")
 
 
 _SNIFF_BYTES = 8192
@@ -122,34 +161,75 @@ def _binary_reason(data: bytes) -> str | None:
     return None
 
 
+def text_document(path: Path) -> str | None:
+    """A text file as one document; None for an empty file (a package's __init__.py: nothing to
+    learn from), and for one that looks binary (with one warning line)."""
+    data = path.read_bytes()
+    if not data.strip():
+        return None
+    reason = _binary_reason(data)
+    if reason is None:
+        return data.decode("utf-8", errors="replace")
+    if path not in _warned_binary:
+        _warned_binary.add(path)
+        print(f"warning: {path} looks binary ({reason}); skipped", file=sys.stderr, flush=True)
+    return None
+
+
+def file_documents(path: Path, part: tuple[int, int] | None = None) -> Iterator[str]:
+    """The documents of one file. `part` reads only a piece of a large file: a byte range
+    [start, stop) of a JSONL file, or row groups [first, stop) of a Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        if part is not None:
+            yield from _jsonl_range(path, *part)
+            return
+        for lineno, obj in _jsonl(path):
+            yield _field(path, lineno, obj, "text")
+    elif suffix == ".parquet":
+        yield from _parquet_texts(path, groups=part)
+    else:
+        text = text_document(path)
+        if text is not None:
+            yield text
+
+
+def splittable(path: Path) -> bool:
+    """Whether `file_documents` can read the file in parts (JSONL, Parquet)."""
+    return path.suffix.lower() in (".jsonl", ".parquet")
+
+
 def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
     """Every document under paths (files or folders, folders recursively in sorted order).
 
-    A text file that looks binary is skipped with one warning line on stderr; if every file is
-    skipped there is nothing to train on, which is a DataError."""
+    A text file that looks binary is skipped with one warning line on stderr, an empty one
+    silently; if every file is skipped there is nothing to train on, which is a DataError."""
     files = _paths(paths)
     skipped = 0
     for path in files:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            for lineno, obj in _jsonl(path):
-                yield _field(path, lineno, obj, "text")
-        elif suffix == ".parquet":
-            yield from _parquet_texts(path)
-        else:
-            data = path.read_bytes()
-            reason = _binary_reason(data)
-            if reason is None:
-                yield data.decode("utf-8", errors="replace")
-                continue
-            skipped += 1
-            if path not in _warned_binary:
-                _warned_binary.add(path)
-                print(f"warning: {path} looks binary ({reason}); skipped", file=sys.stderr, flush=True)
+        n = 0
+        for text in file_documents(path):
+            n += 1
+            yield text
+        skipped += n == 0 and not splittable(path)
     if files and skipped == len(files):
-        shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        raise DataError(f"every file given looks binary, so there is no text to train on ({shown}); "
-                        "point --data at text, JSONL or Parquet files")
+        raise all_binary_error(files)
+
+
+def all_binary_error(files: list[Path]) -> DataError:
+    shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return DataError(f"every file given looks binary or is empty, so there is no text to train on ({shown}); "
+                     "point --data at text, JSONL or Parquet files")
+
+
+def check_not_empty(paths: PathLike | Iterable[PathLike]) -> None:
+    """A DataError naming a file given by name (not found in a folder) that holds no text: an
+    empty download or copy, which would otherwise be skipped unnoticed."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for p in map(Path, paths):
+        if p.is_file() and p.stat().st_size < 4096 and not p.read_bytes().strip():
+            raise DataError(f"{p}: empty file (no text); remove it from --data or fill it")
 
 
 def default_corpus_files() -> list[Path]:

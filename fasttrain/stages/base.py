@@ -16,7 +16,8 @@ from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
 
 def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistInfo) -> StagePlan:
     tokenizer = load_tokenizer(cfg.run)
-    docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="train")
+    docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="train",
+                             val_tokens=base.val_tokens)
     model_cfg.vocab_size = tokenizer.vocab_size
     model_cfg.max_seq_len = cfg.seq_len  # the RoPE tables cover the training length
     budget_steps = math.ceil(base.tokens_per_param * count_params(model_cfg) / cfg.batch_tokens)

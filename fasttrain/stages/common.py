@@ -3,19 +3,19 @@ turning conversations into token documents."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from fasttrain.checkpoint import read_meta, require_checkpoint
 from fasttrain.config import MIN_MIXTURE_SIZE  # noqa: F401 (re-exported)
-from fasttrain.data.shards import ShardError, TokenShard, temp_path, write_shard
-from fasttrain.data.sources import default_corpus_files, iter_conversations, iter_gsm8k, iter_multiple_choice, source_files
+from fasttrain.data.corpus import build_corpus, corpus_key, open_shards, split_corpus, wait_for_manifest
+from fasttrain.data.sources import iter_conversations, iter_gsm8k, iter_multiple_choice, source_files
 from fasttrain.data.tasks import default_mid_mixture, default_sft_mixture
 from fasttrain.errors import DataError, RunError, file_system
 from fasttrain.model import ModelConfig
-from fasttrain.parallel import DistInfo, barrier
+from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir, tokenizer_dir
 from fasttrain.stages.tokenizer import corpus_texts, train_tokenizer  # noqa: F401 (train_tokenizer re-exported)
 from fasttrain.tokenizer import Tokenizer
@@ -52,102 +52,30 @@ def conversation_documents(tokenizer: Tokenizer, conversations, max_len: int):
     return docs, masks
 
 
-class DocumentRange:
-    """Documents lo..hi-1 of a token shard, as a sequence (the loader indexes it)."""
-
-    def __init__(self, shard: TokenShard, lo: int, hi: int):
-        self.shard, self.lo, self.hi = shard, lo, hi
-
-    def __len__(self):
-        return self.hi - self.lo
-
-    def __getitem__(self, i):
-        return self.shard[self.lo + i]
+def tokenize_corpus(cfg) -> dict:
+    """`python -m fasttrain data`: the run's base corpus into token shards (see fasttrain.data.corpus)."""
+    tokenizer = load_tokenizer(cfg.run)
+    log = partial(print, file=sys.stderr, flush=True)
+    manifest = build_corpus(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", cfg.workers, cfg.shard_tokens, log=log)
+    log(f"data: {manifest['tokens']} tokens in {manifest['docs']} documents, {len(manifest['shards'])} shards "
+        f"in {Path(cfg.run) / 'data' / 'base'}")
+    return manifest
 
 
-def corpus_key(paths: list[str], tokenizer: Tokenizer) -> dict:
-    """What the corpus's token cache depends on: the tokenizer's fingerprint, and the path, size
-    and modification time (ns) of every source file in reading order (folders expanded; for the
-    embedded default, the standard-library files). Editing a file in place changes its size or
-    mtime, so the cache is rebuilt; the files are not read to compute the key."""
-    files = source_files(paths) if paths else default_corpus_files()
-    entries = []
-    for f in files:
-        st = f.stat()
-        entries.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return {"tokenizer": tokenizer.fingerprint, "files": entries}
+def corpus_documents(paths: list[str], tokenizer: Tokenizer, cache_dir: Path, info: DistInfo, split: str,
+                     val_tokens: int = 0):
+    """The base corpus as token documents (BOS first): a sequence over the token shards in
+    cache_dir, tokenised (as `python -m fasttrain data` does) when they are missing or stale.
 
-
-def _cache_change(old, new: dict) -> str | None:
-    """Why a cache made for key `old` does not fit key `new`, in a few words; None if it fits."""
-    if not isinstance(old, dict) or not isinstance(old.get("files"), list):
-        return "the token cache does not record what it was made from"
-    if old.get("tokenizer") != new["tokenizer"]:
-        return "the tokenizer changed since the token cache was made"
-    if old["files"] == new["files"]:
-        return None
-    before = {p: (size, mtime) for p, size, mtime in old["files"]}
-    after = {p: (size, mtime) for p, size, mtime in new["files"]}
-    changes = ([f"{p} changed" for p in after if p in before and before[p] != after[p]]
-               + [f"{p} is new" for p in after if p not in before]
-               + [f"{p} is gone" for p in before if p not in after])
-    if not changes:
-        return "the data files are given in another order"
-    more = f" (and {len(changes) - 1} more changes)" if len(changes) > 1 else ""
-    return f"{changes[0]}{more} since the token cache was made"
-
-
-def _cache_problem(shard_path: Path, sources_path: Path, key: dict) -> str | None:
-    """None if the cache fits `key`; else why it must be built: "" when there is none yet."""
-    if not shard_path.exists() and not sources_path.exists():
-        return ""
-    try:
-        old = json.loads(sources_path.read_text(encoding="utf-8"))
-        TokenShard(shard_path)  # checks the header and the size, so a damaged shard is rebuilt
-    except (OSError, ValueError, ShardError):
-        return "the token cache is incomplete or damaged"
-    return _cache_change(old, key)
-
-
-def corpus_documents(paths: list[str], tokenizer: Tokenizer, cache_dir: Path, info: DistInfo, split: str):
-    """The base corpus as token documents (BOS first), tokenised once into a shard in cache_dir,
-    and again whenever `corpus_key` changes (a source file edited, added or removed, or another
-    tokenizer). The last 1% of documents (at least one) is held out as the "val" split; the rest
-    is "train". The shard is written first and its key (sources.json) after it, each through a
-    temporary file renamed into place, so a crash never leaves a key next to a partial shard."""
-    shard_path, sources_path = cache_dir / "tokens.bin", cache_dir / "sources.json"
+    Rank 0 tokenises, in worker processes; the other ranks poll for its manifest rather than wait
+    in a collective, which would time out on a large corpus. `split` "val" is the last
+    val_tokens tokens of the stream (0 = 1% of it, see `default_val_tokens`), "train" the rest."""
+    log = partial(print, file=sys.stderr, flush=True)
     if info.is_main:
-        key = corpus_key(paths, tokenizer)
-        reason = _cache_problem(shard_path, sources_path, key)
-        if reason is not None:
-            if reason:
-                print(f"data: {reason}; tokenising the corpus again", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            with file_system("writing the token cache"):
-                sources_path.unlink(missing_ok=True)
-                write_shard(shard_path, tokenize_documents(corpus_texts(paths), tokenizer), tokenizer.vocab_size)
-                tmp = temp_path(sources_path)
-                tmp.write_text(json.dumps(key), encoding="utf-8")
-                os.replace(tmp, sources_path)
-            print(f"data: tokenised the corpus in {time.perf_counter() - start:.1f}s -> {shard_path}", file=sys.stderr)
-    barrier()
-    shard = TokenShard(shard_path)
-    if len(shard) < 2:
-        raise DataError(f"the corpus has {len(shard)} document(s); base training needs at least 2 (one is held out)")
-    n_val = max(1, len(shard) // 100)
-    return DocumentRange(shard, 0, len(shard) - n_val) if split == "train" else DocumentRange(shard, len(shard) - n_val, len(shard))
-
-
-def tokenize_documents(texts, tokenizer: Tokenizer, batch: int = 256):
-    """BOS + tokens of each text, encoded in batches on several threads."""
-    pending = []
-    for text in texts:
-        pending.append(text)
-        if len(pending) == batch:
-            yield from ([tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(pending))
-            pending = []
-    if pending:
-        yield from ([tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(pending))
+        manifest = build_corpus(paths, tokenizer, cache_dir, log=log)
+    else:
+        manifest = wait_for_manifest(cache_dir, corpus_key(paths, tokenizer.fingerprint), log=log)
+    return split_corpus(open_shards(cache_dir, manifest), tokenizer.bos_id, split, val_tokens)
 
 
 def read_conversations(path: str) -> list:
