@@ -3,8 +3,13 @@ reused after a failure or an edit, JSONL and Parquet files read in pieces exactl
 held-out data by tokens, and a single text file training through the command line."""
 import ast
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ from fasttrain.data.shards import TokenShard
 from fasttrain.data.sources import iter_documents
 from fasttrain.errors import DataError
 from fasttrain.tokenizer import Tokenizer
-from test_training import TINY, WORDS, fasttrain
+from test_training import ROOT, TINY, WORDS, fasttrain
 
 
 def sentences(rng: random.Random, n_words: int) -> str:
@@ -192,3 +197,31 @@ def test_one_text_file_trains_through_the_command_line(tmp_path, cpu_env):
     proc = fasttrain(["eval", "--run", run, "--data", one, "--device", "cpu", "--val-tokens", 10000], cpu_env)
     scored = ast.literal_eval(proc.stdout.strip().splitlines()[-1])["val_tokens"]
     assert 500 < scored <= 600  # the 600 held-out tokens (+ BOS), as 32-token rows score them
+
+
+def test_a_killed_data_command_resumes(tokenizer, tmp_path, cpu_env):
+    """SIGKILL to the `data` command and its workers mid-run; the next run reuses every finished
+    shard (same inode and mtime) and the shards hold the whole corpus."""
+    corpus, run = make_corpus(tmp_path / "corpus", n_txt=60, n_lines=3000), tmp_path / "run"
+    tokenizer.save(run / "tokenizer")
+    cache = run / "data" / "base"
+    args = [sys.executable, "-m", "fasttrain", "data", "--run", str(run), "--data", str(corpus),
+            "--workers", "2", "--shard-tokens", "300"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=cpu_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group: the kill takes the workers too
+    deadline = time.time() + 120
+    while len(list(cache.glob("*.done"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cache / MANIFEST).exists(), "the run finished before it could be killed; give it more work"
+    before = stamps(cache)
+    finished = {p.stem for p in cache.glob("*.done")}
+    assert finished
+
+    resumed = fasttrain(["data", "--run", run, "--data", corpus, "--workers", "2", "--shard-tokens", 300], cpu_env)
+    assert "reused" in resumed.stderr
+    after = stamps(cache)
+    kept = [name for name in before if name.rsplit("-", 1)[0] in finished]
+    assert kept and all(after[name] == before[name] for name in kept)  # finished shards are not rewritten
+    assert shard_docs(cache) == expected_docs(corpus, tokenizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from fasttrain.errors import DataError, RunError, file_system
 from fasttrain.model import ModelConfig
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir, tokenizer_dir
-from fasttrain.stages.tokenizer import corpus_texts, train_tokenizer  # noqa: F401 (train_tokenizer re-exported)
 from fasttrain.tokenizer import Tokenizer
 
 
