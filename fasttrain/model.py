@@ -39,12 +39,18 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0):
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0, cache=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if cu_seqlens is None:
+        if cache is not None:
+            # inference with a KV cache: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
+            k_cache, v_cache, lengths = cache  # (B, T_max, Hkv, D) x 2, (B,)
+            q, k = kernels.apply_rotary_emb_qk(q, k, cos, sin, seqlen_offsets=lengths)
+            q, k = norm(q), norm(k)
+            y = cached_attention(q, k, v, k_cache, v_cache, lengths)
+        elif cu_seqlens is None:
             # one sequence per row: positions 0..T-1
             q, k = kernels.apply_rotary_emb_qk(q, k, cos, sin)
             q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
@@ -57,6 +63,60 @@ class Attention(nn.Module):
             q, k = norm(q), norm(k)
             y = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return self.c_proj(y.reshape(B, T, -1))
+
+
+def cached_attention(q, k, v, k_cache, v_cache, lengths):
+    """Causal attention of T new tokens per row over the row's cached tokens and themselves.
+
+    q (B, T, Hq, D); k, v (B, T, Hkv, D) of the new tokens (RoPE and QK-norm applied), written
+    into k_cache, v_cache (B, T_max, Hkv, D) at slots lengths[b] .. lengths[b] + T - 1 (in place:
+    the cache is there to be filled). Query t of row b sees the slots j <= lengths[b] + t; slots
+    past that (never written, or a shorter prompt's padding) are masked, so rows may hold
+    different numbers of tokens. Returns (B, T, Hq, D).
+
+    Plain PyTorch (scaled_dot_product_attention with a boolean mask): this is the CPU inference
+    path. On a GPU the fast path would be flash-attn's kvcache kernel (flash_attn_with_kvcache),
+    which appends to the cache and reads it in one launch.
+    """
+    B, T = q.shape[:2]
+    rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
+    slots = lengths[:, None] + torch.arange(T, device=q.device)  # (B, T): where the new tokens go
+    k_cache[rows, slots] = k.to(k_cache.dtype)
+    v_cache[rows, slots] = v.to(v_cache.dtype)
+    n_keys = int(slots.max()) + 1  # read only the filled part of the cache
+    keys = torch.arange(n_keys, device=q.device)
+    mask = keys[None, None, :] <= slots[:, :, None]  # (B, T, n_keys): causal, per row
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:, :n_keys].transpose(1, 2).to(q.dtype),  # (B, H, T or n_keys, D)
+        v_cache[:, :n_keys].transpose(1, 2).to(q.dtype), attn_mask=mask[:, None], enable_gqa=True)
+    return y.transpose(1, 2)  # (B, T, Hq, D)
+
+
+class KVCache:
+    """Keys and values of every layer for B rows of up to T_max tokens, for generation.
+
+    k, v: (layers, B, T_max, Hkv, D); lengths (B,) int64: how many tokens each row holds (the
+    position of its next token). `GPT.forward(ids, kv_cache=cache)` writes the new tokens' keys and
+    values at each row's `lengths` and then advances `lengths` by T; a caller that fed padding
+    sets `lengths` back to the true counts (the padding slots are masked, then overwritten).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if not 0 < max_len <= cfg.max_seq_len:
+            raise ValueError(f"KVCache max_len {max_len} must be in [1, max_seq_len = {cfg.max_seq_len}]: "
+                             "the RoPE tables end there")
+        shape = (cfg.depth, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def layer(self, i: int):
+        """(k, v, lengths) of layer i, as Attention takes them."""
+        return self.k[i], self.v[i], self.lengths
 
 
 class MLP(nn.Module):
@@ -75,8 +135,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0):
-        x = x + self.attn(norm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=0, cache=None):
+        x = x + self.attn(norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         return x + self.mlp(norm(x))
 
 
@@ -128,19 +188,28 @@ class GPT(nn.Module):
         self.cos.copy_(tables.cos)
         self.sin.copy_(tables.sin)
 
-    def forward(self, input_ids, targets=None, cu_seqlens=None, max_seqlen=0):
+    def forward(self, input_ids, targets=None, cu_seqlens=None, max_seqlen=0, kv_cache: KVCache | None = None):
         """input_ids, targets: (B, T) int64; cu_seqlens: int32 (n_segments + 1,) over the flattened
         B*T tokens for packed documents, or None for one sequence per row.
+
+        kv_cache (generation, fasttrain/engine.py): input_ids continue each row of the cache, at
+        positions kv_cache.lengths[b] + t; their keys and values are stored, the lengths advance
+        by T, and the logits (B, T, V) are returned.
 
         With targets: returns the loss SUMMED over non-ignored targets (the trainer divides by the
         global count of scored tokens). Without: returns logits (B, T, V) in fp32, softcapped.
         """
         B, T = input_ids.shape
-        if T > self.cos.size(0):
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cos.size(0)}")
+        end = T if kv_cache is None else int(kv_cache.lengths.max()) + T
+        if end > self.cos.size(0) or (kv_cache is not None and end > kv_cache.max_len):
+            raise ValueError(f"sequence length {end} exceeds max_seq_len {self.cos.size(0)}"
+                             + ("" if kv_cache is None else f" or the KV cache's {kv_cache.max_len}"))
         x = norm(self.wte(input_ids))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, self.cos, self.sin, cu_seqlens, max_seqlen)
+        for i, block in enumerate(self.blocks):
+            cache = None if kv_cache is None else kv_cache.layer(i)
+            x = block(x, self.cos, self.sin, cu_seqlens, max_seqlen, cache)
+        if kv_cache is not None:
+            kv_cache.lengths += T
         x = norm(x)
         softcap = self.config.logit_softcap or None
         if targets is None:
