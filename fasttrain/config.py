@@ -188,6 +188,7 @@ class ChatConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "longest reply in tokens", "range": (1, None)})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy", "range": (0, None)})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all", "range": (0, None)})
+    top_p: float = field(default=1.0, metadata={"help": "sample from the most likely tokens whose probability reaches top_p; 1 = all", "range": (0, 1), "low_exclusive": True})
     seed: int = field(default=0, metadata={"help": "sampling seed", "range": (0, 2**32 - 1)})
 
     def __post_init__(self):

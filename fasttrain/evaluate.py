@@ -1,10 +1,12 @@
 """Evaluation and sampling: validation loss (nats per token and bits per byte) on held-out text,
-task accuracy of the chat model on the generated tasks' test split, and a chat command."""
+task accuracy of the chat model on the generated tasks' test split, and a chat command (both
+generate with fasttrain/engine.py)."""
 from __future__ import annotations
 
 import math
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -12,6 +14,7 @@ from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_met
 from fasttrain.config import STAGES, ChatConfig, EvalConfig  # noqa: F401 (defined without torch)
 from fasttrain.data.batch import IGNORE_INDEX, Batch
 from fasttrain.data.loader import PackedLoader
+from fasttrain.engine import Engine
 from fasttrain.errors import RunError
 from fasttrain.model import GPT, ModelConfig
 from fasttrain.parallel import DistInfo
@@ -34,28 +37,13 @@ def load_model(run: str, stage: str, device: torch.device) -> tuple[GPT, str]:
     raise RunError(f"no checkpoint of stage {stage or ' / '.join(STAGES)} in {run}: train it first")
 
 
-@torch.no_grad()
 def generate(model: GPT, ids: list[int], max_new_tokens: int, stop_id: int | None = None,
              temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None) -> list[int]:
-    """Sample a continuation of `ids` (no KV cache: each token re-reads the whole context,
-    which is plenty for the small models trained on a CPU)."""
-    device = model.cos.device
-    out = []
-    for _ in range(max_new_tokens):
-        context = (ids + out)[-model.config.max_seq_len:]
-        logits = model(torch.tensor([context], device=device))[0, -1]  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-        if token == stop_id:
-            break
-        out.append(token)
-    return out
+    """Sample a continuation of `ids` (the new tokens; stop_id ends it and is not included), on
+    the engine's KV cache. The context is at most max_seq_len tokens: a longer prompt keeps its
+    last tokens, and the reply ends when the context is full."""
+    return Engine(model).generate([ids], max_new_tokens, temperature=temperature, top_k=top_k,
+                                  stop_ids=() if stop_id is None else (stop_id,), generator=generator)[0]
 
 
 def validation_rows(docs, seq_len: int, max_tokens: int, pad_id: int, seed: int = 0) -> list[Batch]:
@@ -129,22 +117,49 @@ def run_eval(cfg: EvalConfig, info: DistInfo) -> dict:
     return result
 
 
+def chat_loop(engine: Engine, tokenizer, lines: Iterable[str], max_new_tokens: int, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, out=sys.stdout,
+              prompt_text: str = "") -> list[dict]:
+    """A multi-turn chat: each line is a user message, answered with one printed reply line; ends
+    at the end of `lines` or at "/quit". Returns the conversation it kept.
+
+    Every turn renders the whole conversation as training did (tokenizer.render_prompt), so the
+    model sees the exact format it learned. A blank line asks nothing. An empty reply cannot be a
+    turn (a chat holds no empty message), so that exchange is left out of the conversation and
+    the next line continues from the one before. The oldest exchanges are dropped when the
+    prompt and the reply would not fit in max_seq_len."""
+    max_len = engine.model.config.max_seq_len
+    lines = iter(lines)
+    messages: list[dict] = []
+    while True:
+        if prompt_text:
+            print(prompt_text, end="", file=out, flush=True)
+        line = next(lines, None)
+        if line is None or line.strip() == "/quit":
+            return messages
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        turn = messages + [{"role": "user", "content": line}]
+        prompt = tokenizer.render_prompt(turn)
+        while len(prompt) + max_new_tokens > max_len and len(turn) > 1:
+            turn = turn[2:]  # forget the oldest user/assistant exchange
+            prompt = tokenizer.render_prompt(turn)
+        reply = tokenizer.decode(engine.generate([prompt], max_new_tokens, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, generator=generator)[0])
+        if reply.strip():
+            messages = turn + [{"role": "assistant", "content": reply}]
+        print(reply, file=out, flush=True)
+
+
 def run_chat(cfg: ChatConfig, info: DistInfo):
+    """`python -m fasttrain chat`: one reply to --prompt, or a conversation read from stdin."""
     tokenizer = load_tokenizer(cfg.run)
     model, stage = load_model(cfg.run, cfg.stage, info.device)
     generator = torch.Generator(device=info.device).manual_seed(cfg.seed)
-    lines = [cfg.prompt] if cfg.prompt else (line.rstrip("\n") for line in sys.stdin)
-    messages = []
-    for line in lines:
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply_ids = generate(model, tokenizer.render_prompt(messages), cfg.max_new_tokens,
-                             stop_id=tokenizer.special_id("<|assistant_end|>"), temperature=cfg.temperature,
-                             top_k=cfg.top_k, generator=generator)
-        reply = tokenizer.decode(reply_ids)
-        if reply.strip():
-            messages.append({"role": "assistant", "content": reply})
-        else:  # a conversation cannot hold an empty turn: forget this exchange, keep talking
-            messages.pop()
-        print(reply, flush=True)
+    interactive = not cfg.prompt and sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with the {stage} model of {cfg.run}; /quit or Ctrl-D ends", flush=True)
+    lines = iter([cfg.prompt]) if cfg.prompt else iter(sys.stdin)
+    chat_loop(Engine(model, tokenizer), tokenizer, lines, cfg.max_new_tokens, temperature=cfg.temperature,
+              top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, prompt_text="> " if interactive else "")
