@@ -19,6 +19,15 @@ def reference_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # decoding a tiny model is many small ops: a second thread only adds waiting on a shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**kw) -> GPT:
     cfg = ModelConfig(**{"depth": 2, "aspect_ratio": 16, "head_dim": 8, "vocab_size": VOCAB, "max_seq_len": 64, **kw})
     torch.manual_seed(0)
