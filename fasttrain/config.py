@@ -173,7 +173,7 @@ EVAL_TASKS = ("arithmetic", "spelling", "letter_count", "identity")
 class EvalConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
     stage: str = field(default="all", metadata={"help": "base, mid, sft, or all (every stage with a checkpoint); empty = all"})
-    data: list[str] = field(default_factory=list, metadata={"help": "the text the base stage trained on (its held-out part is scored), and task files to score: chat, GSM8K-style or multiple-choice JSONL, told by their first record's keys"})
+    data: list[str] = field(default_factory=list, metadata={"help": "task files to score (chat, GSM8K-style or multiple-choice JSONL, told by their first record's keys), and the text whose held-out part is scored (default: what the base stage trained on)"})
     tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to score: arithmetic, spelling, letter_count, identity, or a task file's name without .jsonl; empty = all, none = only the validation loss"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     val_tokens: int = field(default=32768, metadata={"help": "held-out tokens to score", "range": (1, None)})

@@ -33,7 +33,7 @@ from fasttrain.checkpoint import newest_checkpoint, read_meta
 from fasttrain.config import EVAL_TASKS, EvalConfig
 from fasttrain.data import tasks as generated
 from fasttrain.data.sources import LETTERS, source_files
-from fasttrain.errors import file_system
+from fasttrain.errors import ConfigError, RunError, file_system
 from fasttrain.evaluate import generate, load_model, validation_loss
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
@@ -213,7 +213,6 @@ def task_sets(cfg: EvalConfig, task_files: list[Path]) -> list[TaskSet]:
     known = set(EVAL_TASKS) | {f.stem for f in task_files}
     unknown = wanted - known
     if unknown:
-        from fasttrain.errors import ConfigError
         raise ConfigError(f"--tasks: unknown task {sorted(unknown)[0]!r}; choose from {', '.join(sorted(known))} "
                           "(a task file's name comes from --data)")
     cap = cfg.max_examples or None
@@ -244,7 +243,7 @@ def _n_choices(question: str) -> int:
 
 
 def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) -> dict:
-    """Score rows of one task: {row name: score(...)}; a chat file gives an exact and a normalised row."""
+    """Score rows of one task: {row name: score(...)}; a chat file gives an exact ("<name> exact") and a normalised row."""
     correct = {"exact": 0, "normalised": 0}
     for i, messages in enumerate(task.examples):
         prompt_messages, reference = messages[:-1], messages[-1]["content"]
@@ -275,14 +274,13 @@ def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) ->
     if task.kind == "number":
         return {task.name: score(correct["exact"], n, "final number")}
     if task.kind == "chat":
-        return {f"{task.name} (exact)": score(correct["exact"], n, "exact"),
+        return {f"{task.name} exact": score(correct["exact"], n, "exact"),
                 task.name: score(correct["normalised"], n, "normalised")}
     return {task.name: score(correct["normalised"], n, "normalised" if task.kind == "text" else "any self-description")}
 
 
 # --- a run's stages --------------------------------------------------------------------------
 def stages_with_checkpoints(run: str, stage: str) -> list[str]:
-    from fasttrain.errors import RunError
     names = [s for s in STAGE_ORDER if (stage in ("", "all") or s == stage)
              and newest_checkpoint(stage_dir(run, s)) is not None]
     if not names:
@@ -291,11 +289,15 @@ def stages_with_checkpoints(run: str, stage: str) -> list[str]:
     return names
 
 
-def _base_val_tokens(run: str) -> int:
-    """The held-out size the base stage trained with (its --val-tokens), so that eval scores
-    the same held-out tokens; 0 (the default split) when there is no base checkpoint to ask."""
+def _base_held_out(run: str) -> tuple[list[str], int]:
+    """The corpus paths and held-out size (--data, --val-tokens) the base stage trained with, so
+    that eval scores the same held-out tokens without being told again; ([], 0) -- the embedded
+    corpus, the default split -- when there is no base checkpoint to ask."""
     ckpt = newest_checkpoint(stage_dir(run, "base"))
-    return int(read_meta(ckpt).get("base", {}).get("val_tokens", 0)) if ckpt is not None else 0
+    if ckpt is None:
+        return [], 0
+    meta = read_meta(ckpt)
+    return list(meta.get("config", {}).get("data", [])), int(meta.get("base", {}).get("val_tokens", 0))
 
 
 def evaluate_run(cfg: EvalConfig, info: DistInfo) -> dict:
@@ -306,8 +308,9 @@ def evaluate_run(cfg: EvalConfig, info: DistInfo) -> dict:
     names = stages_with_checkpoints(cfg.run, cfg.stage)
     corpus, task_files = split_data(cfg.data)
     sets = task_sets(cfg, task_files)
-    val_docs = corpus_documents(corpus, tokenizer, Path(cfg.run) / "data" / "base", info, split="val",
-                                val_tokens=_base_val_tokens(cfg.run))
+    base_corpus, val_tokens = _base_held_out(cfg.run)
+    val_docs = corpus_documents(corpus or base_corpus, tokenizer, Path(cfg.run) / "data" / "base", info,
+                                split="val", val_tokens=val_tokens)
     models = {}
     for name in names:
         models[name], _ = load_model(cfg.run, name, info.device)
