@@ -242,6 +242,19 @@ def _n_choices(question: str) -> int:
     return sum(1 for letter in LETTERS if f"\n{letter}. " in question)
 
 
+def _few_shot_prompt(model, tokenizer, task: TaskSet, i: int, few_shot: int) -> list[int]:
+    """The base model's prompt for example i: as many of the few_shot examples as leave a quarter
+    of the context for the answer (cutting the prompt's start instead would lose <|bos|> and
+    leave half an example)."""
+    budget = model.config.max_seq_len * 3 // 4 if model is not None else None
+    for k in range(few_shot, -1, -1):
+        text = few_shot_text(task.shots_for(i, k), task.examples[i][:-1])
+        prompt = [tokenizer.bos_id] + tokenizer.encode(text)
+        if budget is None or len(prompt) <= budget:
+            break
+    return prompt
+
+
 def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) -> dict:
     """Score rows of one task: {row name: score(...)}; a chat file gives an exact ("<name> exact") and a normalised row."""
     correct = {"exact": 0, "normalised": 0}
@@ -250,7 +263,7 @@ def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) ->
         if chat:
             prompt = tokenizer.render_prompt(prompt_messages)
         else:
-            prompt = [tokenizer.bos_id] + tokenizer.encode(few_shot_text(task.shots_for(i, few_shot), prompt_messages))
+            prompt = _few_shot_prompt(model, tokenizer, task, i, few_shot)
         if task.kind == "choice":
             n = _n_choices(prompt_messages[-1]["content"])
             prefix, letters = letter_tokens(tokenizer, n, "" if chat else " ")

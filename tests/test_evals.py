@@ -144,6 +144,16 @@ def test_multiple_choice_few_shot_for_base(byte_tokenizer):
     assert text.endswith("\nA: B\n\nQ: " + examples[0][0]["content"] + "\nA: ")
 
 
+def test_few_shot_prompt_drops_shots_to_fit_the_context(byte_tokenizer):
+    examples = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+                for i in range(4)]
+    task = evals.TaskSet("t", "chat", examples)
+    # one example is 27 bytes as Q:/A: text: a 64-token context (48 for the prompt) holds one shot
+    model = LetterModel(byte_tokenizer.vocab_size, favour=0, elsewhere=0, max_seq_len=64)
+    prompt = evals._few_shot_prompt(model, byte_tokenizer, task, 0, few_shot=3)
+    assert byte_tokenizer.decode(prompt[1:]) == "Q: question 1\nA: answer 1\n\nQ: question 0\nA:"
+
+
 def test_choice_scores_keeps_the_end_of_a_long_prompt(byte_tokenizer):
     model = LetterModel(byte_tokenizer.vocab_size, favour=7, elsewhere=8, max_seq_len=4)
     scores = evals.choice_scores(model, list(range(10)), [7, 8])
