@@ -293,9 +293,10 @@ def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) ->
 
 
 # --- a run's stages --------------------------------------------------------------------------
-def stages_with_checkpoints(run: str, stage: str) -> list[str]:
-    names = [s for s in STAGE_ORDER if (stage in ("", "all") or s == stage)
-             and newest_checkpoint(stage_dir(run, s)) is not None]
+def stages_with_checkpoints(run: str, stage: str) -> dict[str, Path]:
+    """{stage: its newest intact checkpoint}, in training order, for `--stage` (all or one)."""
+    ckpts = {s: newest_checkpoint(stage_dir(run, s)) for s in STAGE_ORDER if stage in ("", "all") or s == stage}
+    names = {s: c for s, c in ckpts.items() if c is not None}
     if not names:
         raise RunError(f"no checkpoint of stage {stage if stage not in ('', 'all') else ' / '.join(STAGE_ORDER)} "
                        f"in {run}: train it first")
@@ -324,19 +325,18 @@ def evaluate_run(cfg: EvalConfig, info: DistInfo) -> dict:
     base_corpus, val_tokens = _base_held_out(cfg.run)
     val_docs = corpus_documents(corpus or base_corpus, tokenizer, Path(cfg.run) / "data" / "base", info,
                                 split="val", val_tokens=val_tokens)
-    models = {}
-    for name in names:
-        models[name], _ = load_model(cfg.run, name, info.device)
     # one row length for every stage (mid may have extended the context): the same held-out rows
-    seq_len = min(256, *(m.config.max_seq_len for m in models.values()))
+    seq_len = min(256, *(read_meta(ckpt)["model_config"]["max_seq_len"] for ckpt in names.values()))
     results = {}
-    for name, model in models.items():
+    for name in names:  # one model in memory at a time
+        model, _ = load_model(cfg.run, name, info.device)
         stage_result = validation_loss(model, tokenizer, val_docs, seq_len, cfg.val_tokens)
         stage_result["tasks"] = {}
         for task in sets:
             stage_result["tasks"].update(evaluate_task(model, tokenizer, task, chat=name != "base",
                                                        few_shot=cfg.few_shot))
         results[name] = stage_result
+        del model
     out = {"run": str(cfg.run), "stages": results}
     if info.is_main:
         table = stage_table(results)
