@@ -25,7 +25,7 @@ def _commands():
                                                   (BaseConfig, "base stage")]),
         "mid": ("mid-training on the conversation task mixture", [(TrainConfig, "training"), (MidConfig, "mid stage")]),
         "sft": ("chat SFT on conversations, assistant tokens scored", [(TrainConfig, "training"), (SFTConfig, "sft stage")]),
-        "eval": ("validation loss and task accuracy of a stage's checkpoint", [(EvalConfig, "eval")]),
+        "eval": ("validation loss and task accuracy of each stage's checkpoint, side by side", [(EvalConfig, "eval")]),
         "chat": ("talk to the chat model", [(ChatConfig, "chat")]),
         "speedrun": ("tokenizer -> base -> mid -> sft -> eval on the embedded default, then a report",
                      [(SpeedrunConfig, "speedrun")]),

@@ -165,18 +165,28 @@ class SFTConfig:
 STAGES = ("sft", "mid", "base")
 
 
+# the generated tasks `eval` scores by default (fasttrain/data/tasks.py)
+EVAL_TASKS = ("arithmetic", "spelling", "letter_count", "identity")
+
+
 @dataclass
 class EvalConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
-    data: list[str] = field(default_factory=list, metadata={"help": "the text the base stage trained on (its held-out part is scored)"})
+    stage: str = field(default="all", metadata={"help": "base, mid, sft, or all (every stage with a checkpoint); empty = all"})
+    data: list[str] = field(default_factory=list, metadata={"help": "task files to score (chat, GSM8K-style or multiple-choice JSONL, told by their first record's keys), and the text whose held-out part is scored (default: what the base stage trained on)"})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to score: arithmetic, spelling, letter_count, identity, or a task file's name without .jsonl; empty = all, none = only the validation loss"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     val_tokens: int = field(default=32768, metadata={"help": "held-out tokens to score", "range": (1, None)})
-    problems: int = field(default=20, metadata={"help": "test problems per generated task (chat stages)", "range": (1, None)})
+    problems: int = field(default=20, metadata={"help": "test problems drawn per generated task (repeats are scored once)", "range": (1, None)})
+    max_examples: int = field(default=200, metadata={"help": "score at most this many examples per task; 0 = all", "range": (0, None)})
+    few_shot: int = field(default=3, metadata={"help": "solved examples of the same task before each question for the base model (plain Q:/A: text)", "range": (0, None)})
+    json: str = field(default="", metadata={"help": "also write every figure to this JSON file"})
 
     def __post_init__(self):
         check_ranges(self)
-        _check_stage(self.stage)
+        if self.stage not in ("", "all", *STAGES):
+            raise ConfigError(f"--stage must be all (every stage with a checkpoint) or one of "
+                              f"{', '.join(reversed(STAGES))}; got {self.stage!r}")
 
 
 @dataclass

@@ -1,11 +1,10 @@
-"""Evaluation and sampling: validation loss (nats per token and bits per byte) on held-out text,
-task accuracy of the chat model on the generated tasks' test split, and a chat command (both
-generate with fasttrain/engine.py)."""
+"""Evaluation and sampling: loading a stage's model, generation (on the KV-cache engine of
+fasttrain/engine.py), validation loss (nats per token and bits per byte) on held-out text, and the
+eval and chat commands (the task evals and the stage table live in fasttrain/evals.py)."""
 from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -19,7 +18,7 @@ from fasttrain.errors import RunError
 from fasttrain.model import GPT, ModelConfig
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
-from fasttrain.stages.common import corpus_documents, load_tokenizer
+from fasttrain.stages.common import load_tokenizer
 
 
 def load_model(run: str, stage: str, device: torch.device) -> tuple[GPT, str]:
@@ -79,42 +78,11 @@ def validation_loss(model: GPT, tokenizer, docs, seq_len: int, max_tokens: int, 
             "val_tokens": n_tokens}
 
 
-def task_accuracy(model: GPT, tokenizer, problems: int, seed: int = 0) -> dict:
-    """Greedy replies to the generated tasks' test conversations; exact match of the reply."""
-    from fasttrain.data import tasks
-    words = tasks.corpus_words()
-    scores = {}
-    for task in (tasks.ArithmeticTask(seed), tasks.SpellingTask(words, seed), tasks.LetterCountTask(words, seed),
-                 tasks.IdentityTask(seed)):
-        conversations = task.conversations("test", problems)
-        correct = 0
-        for messages in conversations:
-            prompt = tokenizer.render_prompt(messages[:-1])
-            reply = generate(model, prompt, 64, stop_id=tokenizer.special_id("<|assistant_end|>"))
-            correct += tokenizer.decode(reply).strip() == messages[-1]["content"].strip()
-        scores[task.name] = correct / max(len(conversations), 1)
-    return scores
-
-
-def _base_val_tokens(run: str) -> int:
-    """The held-out size the base stage trained with (its --val-tokens), so that eval scores
-    the same held-out tokens; 0 (the default split) when there is no base checkpoint to ask."""
-    ckpt = newest_checkpoint(stage_dir(run, "base"))
-    return int(read_meta(ckpt).get("base", {}).get("val_tokens", 0)) if ckpt is not None else 0
-
-
 def run_eval(cfg: EvalConfig, info: DistInfo) -> dict:
-    tokenizer = load_tokenizer(cfg.run)
-    model, stage = load_model(cfg.run, cfg.stage, info.device)
-    val_docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="val",
-                                val_tokens=_base_val_tokens(cfg.run))
-    result = {"stage": stage, **validation_loss(model, tokenizer, val_docs, min(256, model.config.max_seq_len),
-                                                cfg.val_tokens)}
-    if stage != "base":
-        result["task_accuracy"] = task_accuracy(model, tokenizer, cfg.problems)
-    if info.is_main:
-        print(result)
-    return result
+    """`python -m fasttrain eval`: validation loss and task accuracy of each stage, as a table
+    (fasttrain/evals.py does the work; imported here, as it imports this module)."""
+    from fasttrain import evals
+    return evals.evaluate_run(cfg, info)
 
 
 def chat_loop(engine: Engine, tokenizer, lines: Iterable[str], max_new_tokens: int, temperature: float = 0.0,

@@ -20,8 +20,9 @@ PROMPTS = ["Who are you?", "What is 3 plus 4?", "Spell the word python.", "Hello
 
 
 def stage_losses(metrics_path: Path, k: int = 5) -> tuple[float, float]:
-    """Mean training loss over the first and the last k steps."""
-    losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines()]
+    """Mean training loss over the first and the last k steps that have one (a skipped step's is null)."""
+    from fasttrain.evals import training_losses
+    losses = [loss for _, loss in training_losses(metrics_path)]
     return sum(losses[:k]) / len(losses[:k]), sum(losses[-k:]) / len(losses[-k:])
 
 
@@ -64,8 +65,8 @@ def speedrun(cfg: SpeedrunConfig):
                 timings[name] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        base_result = run_eval(EvalConfig(run=cfg.run, stage="base", device=cfg.device), info)
-        result = run_eval(EvalConfig(run=cfg.run, stage="sft", device=cfg.device, problems=5), info)
+        # the stage table (printed by eval, and in <run>/report.md) shows what each stage bought
+        evaluated = run_eval(EvalConfig(run=cfg.run, stage="all", device=cfg.device, problems=5), info)["stages"]
         timings["eval"] = time.perf_counter() - t0
 
         tokenizer = load_tokenizer(cfg.run)
@@ -85,10 +86,10 @@ def speedrun(cfg: SpeedrunConfig):
             tok_s = [json.loads(l)["tokens_per_s"] for l in (Path(cfg.run) / name / "metrics.jsonl").read_text().splitlines()]
             print(f"{name:4s}  loss {first:.3f} -> {last:.3f}   median {sorted(tok_s)[len(tok_s) // 2]:.0f} tok/s   "
                   f"{timings[name]:.0f}s")
-        for name, r in (("base", base_result), ("sft", result)):
+        for name, r in evaluated.items():
             print(f"val   {name} model on held-out corpus text: {r['val_loss']:.3f} nats/token, {r['val_bpb']:.3f} bits/byte")
-        for task, acc in result.get("task_accuracy", {}).items():
-            print(f"task  {task}: {100 * acc:.0f}% exact")
+        for task, r in evaluated.get("sft", {}).get("tasks", {}).items():
+            print(f"task  sft {task}: {100 * r['accuracy']:.0f}% of {r['n']} ({r['match']} match)")
         print(f"time  " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {sum(timings.values()):.0f}s")
         for prompt, reply in samples:
             print(f"user: {prompt}\n  model: {reply!r}")
