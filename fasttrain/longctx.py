@@ -74,7 +74,7 @@ def long_rows(docs, seq_len: int, n_rows: int) -> torch.Tensor:
     need = n_rows * (seq_len + 1)
     stream, have = [], 0
     for i in range(len(docs)):
-        doc = torch.as_tensor(docs[i], dtype=torch.int64)
+        doc = torch.tensor(docs[i], dtype=torch.int64)  # a copy: the shards are read-only memory maps
         stream.append(doc)
         have += doc.numel()
         if have >= need:
@@ -176,13 +176,24 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
 # reporting
 
 
-def format_table(results: dict[str, dict], edges: list[int]) -> str:
-    """results: {model name: {"loss_by_position": [...], "passkey": {length: {depth: acc}}}}."""
+def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 0) -> str:
+    """results: {model name: {"loss_by_position": [...], "passkey": {length: {depth: acc}}}}.
+    With trained_len, two more columns: the mean bucket loss beyond it minus the mean within it
+    (< 0: the extra context helps; > 0: the model degrades past the length it was trained at)."""
     names = list(results)
     heads = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
-    lines = ["loss (nats) by target position", f"{'model':<14}" + "".join(f"{h:>10}" for h in heads)]
+    extra = f"{'<' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
+    lines = ["loss (nats) by target position", f"{'model':<14}" + "".join(f"{h:>10}" for h in heads) + extra]
     for name in names:
-        lines.append(f"{name:<14}" + "".join(f"{v:>10.3f}" for v in results[name]["loss_by_position"]))
+        loss = results[name]["loss_by_position"]
+        line = f"{name:<14}" + "".join(f"{v:>10.3f}" for v in loss)
+        if trained_len:
+            inside = [v for v, b in zip(loss, edges[1:]) if b <= trained_len]
+            beyond = [v for v, a in zip(loss, edges[:-1]) if a >= trained_len]
+            if inside and beyond:
+                within = sum(inside) / len(inside)
+                line += f"{within:>9.3f}{sum(beyond) / len(beyond) - within:>+10.3f}"
+        lines.append(line)
     first = results[names[0]].get("passkey")
     if first:
         lengths = list(first)

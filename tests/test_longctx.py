@@ -117,6 +117,7 @@ def test_end_to_end_on_random_tiny_model(tokenizer, capsys):
         results[name] = {"loss_by_position": longctx.loss_by_position(model, rows, edges), "passkey": pk}
         assert longctx.is_finite(results[name]["loss_by_position"])
         assert all(0.0 <= acc <= 1.0 for row in pk.values() for acc in row.values())
-    table = longctx.format_table(results, edges)
+    table = longctx.format_table(results, edges, trained_len=32)
     print(table)
+    assert "beyond-in" in table
     assert "0-16" in capsys.readouterr().out and "passkey" in table
