@@ -1,0 +1,240 @@
+"""Long-context evaluation: does a model use context beyond the length it was trained at?
+
+Two measurements, both without generation:
+
+- `loss_by_position`: mean next-token loss per bucket of token positions on held-out text rows
+  longer than the training length. A model that uses its context has a loss that falls (or stays
+  flat) with position; one that breaks past its trained length has a loss that rises there.
+- `passkey_accuracy`: a random 5-digit key hidden at a chosen relative depth in repeated filler
+  text, followed by "What is the pass key? The pass key is"; accuracy over context length x depth.
+
+Both run on a plain (unsharded) model, one row per forward, so memory is one (T, V) logits
+tensor at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
+from fasttrain.model import GPT, ModelConfig
+from fasttrain.rundir import stage_dir
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+QUESTION = " What is the pass key? The pass key is"
+
+
+def load_model_for_length(run: str, stage: str, seq_len: int, device: torch.device) -> GPT:
+    """A stage's newest weights in a plain model whose RoPE tables cover `seq_len` positions.
+
+    The tables are derived from the config, so raising max_seq_len changes nothing below the old
+    length: a model trained without scaling just extrapolates, and a scaled one keeps its
+    rope_original_len (mid sets it), so its frequencies stay those it was trained with."""
+    ckpt = newest_checkpoint(stage_dir(run, stage))
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint of stage {stage} in {run}")
+    cfg = ModelConfig(**read_meta(ckpt)["model_config"])
+    if seq_len > cfg.max_seq_len:
+        cfg = replace(cfg, max_seq_len=seq_len,
+                      rope_original_len=cfg.rope_original_len or (cfg.max_seq_len if cfg.rope_scaling != "none" else 0))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_rope()
+    load_model_weights(ckpt, model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# loss by position
+
+
+def bucket_edges(step: int, length: int) -> list[int]:
+    """Bucket boundaries [0, step, 2*step, ..., length] over target positions 0..length-1; the
+    last bucket is shorter when step does not divide length."""
+    if step < 1 or length < 1:
+        raise ValueError(f"bucket step ({step}) and length ({length}) must be >= 1")
+    return list(range(0, length, step)) + [length]
+
+
+def long_rows(docs, seq_len: int, n_rows: int) -> torch.Tensor:
+    """(n_rows, seq_len + 1) int64: held-out documents concatenated end to end (each keeps its
+    leading BOS) and cut into rows, with no document masking.
+
+    Each row is ONE causal segment: the target at position p is predicted from all p + 1 tokens
+    before it, across document boundaries. That is what "p tokens of context" means for this
+    measurement; with document masking (as training packs) a position would only see the tokens
+    of its own, usually short, document, and the curve would say nothing about long context."""
+    need = n_rows * (seq_len + 1)
+    stream, have = [], 0
+    for i in range(len(docs)):
+        doc = torch.tensor(docs[i], dtype=torch.int64)  # a copy: the shards are read-only memory maps
+        stream.append(doc)
+        have += doc.numel()
+        if have >= need:
+            break
+    if have < need:
+        n_rows = have // (seq_len + 1)
+        if n_rows == 0:
+            raise ValueError(f"held-out text has {have} tokens, fewer than one row of {seq_len + 1}")
+    return torch.cat(stream)[: n_rows * (seq_len + 1)].view(n_rows, seq_len + 1)
+
+
+@torch.no_grad()
+def loss_by_position(model, rows: torch.Tensor, edges: list[int]) -> list[float]:
+    """Mean next-token loss (nats) of `model` in each position bucket [edges[i], edges[i+1]).
+
+    rows: (N, T + 1) int64 with T = edges[-1]; position p is the target rows[:, p + 1] given
+    rows[:, :p + 1]. `model(idx)` returns (B, T, V) fp32 logits; the trainer's forward sums the
+    loss over positions, so the per-position losses are taken from the logits here, one row at a
+    time to bound memory to one (T, V) tensor."""
+    T = edges[-1]
+    if rows.size(1) != T + 1:
+        raise ValueError(f"rows have {rows.size(1)} tokens; the buckets need {T + 1}")
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros(T, dtype=torch.float64)  # (T,) summed over rows
+    for row in rows:
+        row = row.to(device)
+        logits = model(row[None, :-1])[0]                       # (T, V)
+        loss = F.cross_entropy(logits.float(), row[1:], reduction="none")  # (T,)
+        loss_sum += loss.double().cpu()
+    per_pos = loss_sum / rows.size(0)
+    return [float(per_pos[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
+
+
+# ---------------------------------------------------------------------------------------------
+# passkey retrieval
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int], int]:
+    """A passkey prompt of exactly `length` tokens: BOS, filler, the needle "The pass key is
+    <key>. Remember it. <key> is the pass key." placed after the filler sentence nearest to
+    relative depth `depth` (0 = start, 1 = just before the question), more filler, the question.
+
+    Returns (prompt ids, answer ids = the key's tokens as they follow "is", needle token offset).
+    The pieces are encoded separately and joined as ids, so the filler can be cut at any token
+    to hit the length exactly (its last sentence may be cut short)."""
+    sentences = [tokenizer.encode(" " + s.strip() + ".") for s in FILLER.strip().rstrip(".").split(". ")]
+    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
+    question = tokenizer.encode(QUESTION)
+    answer = tokenizer.encode(f" {key}")
+    budget = length - 1 - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"length {length} is too short for the needle and question ({length - budget - 1} tokens)")
+    filler, cuts, k = [], [0], 0  # cuts: token offsets of sentence boundaries in the filler
+    while len(filler) < budget:
+        filler += sentences[k % len(sentences)]
+        cuts.append(min(len(filler), budget))
+        k += 1
+    filler = filler[:budget]
+    at = min(cuts, key=lambda c: abs(c - depth * budget))  # the sentence boundary nearest the depth
+    ids = [tokenizer.bos_id] + filler[:at] + needle + filler[at:] + question
+    assert len(ids) == length
+    return ids, answer, 1 + at
+
+
+@torch.no_grad()
+def passkey_correct(model, prompt: list[int], answer: list[int]) -> bool:
+    """Whether greedy decoding after `prompt` would produce `answer` (the key's tokens).
+
+    One teacher-forced forward over prompt + answer[:-1]: greedy decoding emits answer exactly
+    iff the argmax at each answer position is the answer token, given the correct ones before it
+    (which is what greedy would have fed back). The sequence is prompt length + len(answer) - 1."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt + answer[:-1]], device=device)   # (1, T)
+    logits = model(idx)[0, len(prompt) - 1:]                     # (len(answer), V)
+    return bool((logits.argmax(-1).cpu() == torch.tensor(answer)).all())
+
+
+def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], trials: int,
+                     seed: int = 0) -> dict[int, dict[float, float]]:
+    """Accuracy[length][depth] over `trials` random 5-digit keys per cell (the same keys for
+    every model with the same seed). Prompts are `length` tokens minus the key's tokens, so the
+    whole sequence fits in `length`."""
+    rng = random.Random(seed)
+    out = {}
+    for length in lengths:
+        out[length] = {}
+        for depth in depths:
+            hits = 0
+            for _ in range(trials):
+                key = str(rng.randint(10000, 99999))
+                answer = tokenizer.encode(f" {key}")
+                prompt, answer, _ = passkey_prompt(tokenizer, length - len(answer) + 1, depth, key)
+                hits += passkey_correct(model, prompt, answer)
+            out[length][depth] = hits / trials
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 0) -> str:
+    """results: {model name: {"loss_by_position": [...], "passkey": {length: {depth: acc}}}}.
+    With trained_len, two more columns: the mean bucket loss beyond it minus the mean within it
+    (< 0: the extra context helps; > 0: the model degrades past the length it was trained at)."""
+    names = list(results)
+    heads = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
+    extra = f"{'<' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
+    lines = ["loss (nats) by target position", f"{'model':<14}" + "".join(f"{h:>10}" for h in heads) + extra]
+    for name in names:
+        loss = results[name]["loss_by_position"]
+        line = f"{name:<14}" + "".join(f"{v:>10.3f}" for v in loss)
+        if trained_len:
+            inside = [v for v, b in zip(loss, edges[1:]) if b <= trained_len]
+            beyond = [v for v, a in zip(loss, edges[:-1]) if a >= trained_len]
+            if inside and beyond:
+                within = sum(inside) / len(inside)
+                line += f"{within:>9.3f}{sum(beyond) / len(beyond) - within:>+10.3f}"
+        lines.append(line)
+    first = results[names[0]].get("passkey")
+    if first:
+        lengths = list(first)
+        lines += ["", "passkey accuracy by context length (mean over depths)",
+                  f"{'model':<14}" + "".join(f"{n:>10}" for n in lengths)]
+        for name in names:
+            pk = results[name]["passkey"]
+            lines.append(f"{name:<14}" + "".join(f"{sum(pk[n].values()) / len(pk[n]):>10.2f}" for n in lengths))
+    return "\n".join(lines)
+
+
+def draw_heatmaps(results: dict[str, dict], path: Path) -> str:
+    """Passkey accuracy (depth x length) per model, one panel each, to a PNG; returns a note."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no heat-map drawn"
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pk = results[name]["passkey"]
+        lengths = list(pk)
+        depths = list(pk[lengths[0]])
+        grid = [[pk[n][d] for n in lengths] for d in depths]  # (depths, lengths)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("context length")
+    axes[0][0].set_ylabel("needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"heat-map written to {path}"
+
+
+def write_json(results: dict, path: Path):
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def is_finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)

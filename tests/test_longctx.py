@@ -1,0 +1,123 @@
+"""Long-context evaluation: passkey construction, loss by position, and a tiny end-to-end run."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fasttrain import longctx
+from fasttrain.model import GPT, ModelConfig
+from fasttrain.tokenizer import Tokenizer
+from fasttrain.tokenizer.core import SPECIAL_TOKENS
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = [longctx.FILLER * 4 + longctx.QUESTION + " The pass key is 12345. Remember it. 0123456789"] * 4
+    return Tokenizer.train(text, 256 + len(SPECIAL_TOKENS) + 32)
+
+
+def tiny_model(vocab_size: int, max_seq_len: int = 64) -> GPT:
+    cfg = ModelConfig(depth=1, aspect_ratio=16, head_dim=8, vocab_size=vocab_size, max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    nn.init.normal_(model.lm_head.weight, std=0.5)  # the default tiny head makes every logit ~0
+    return model.eval()
+
+
+@pytest.mark.parametrize("length", [100, 157, 300])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_passkey_prompt_length_depth_question(tokenizer, length, depth):
+    ids, answer, at = longctx.passkey_prompt(tokenizer, length, depth, "48213")
+    assert len(ids) == length
+    assert ids[0] == tokenizer.bos_id
+    question = tokenizer.encode(longctx.QUESTION)
+    assert ids[-len(question):] == question
+    needle = tokenizer.encode(" The pass key is 48213. Remember it. 48213 is the pass key.")
+    assert ids[at:at + len(needle)] == needle
+    assert answer == tokenizer.encode(" 48213")
+    # the needle sits within one filler sentence of the requested depth in the filler
+    filler = length - 1 - len(needle) - len(question)
+    longest = max(len(tokenizer.encode(" " + s.strip() + ".")) for s in longctx.FILLER.split(". ") if s.strip())
+    assert abs((at - 1) - depth * filler) <= longest
+
+
+def test_passkey_prompt_too_short(tokenizer):
+    with pytest.raises(ValueError, match="too short"):
+        longctx.passkey_prompt(tokenizer, 30, 0.5, "12345")
+
+
+def test_bucket_edges():
+    assert longctx.bucket_edges(64, 512) == [0, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert longctx.bucket_edges(3, 10) == [0, 3, 6, 9, 10]
+    with pytest.raises(ValueError):
+        longctx.bucket_edges(0, 10)
+
+
+def test_long_rows_concatenate_documents_without_masking():
+    docs = [[1, 2, 3], [1, 4, 5, 6, 7], [1, 8], [1, 9, 10, 11]]
+    rows = longctx.long_rows(docs, seq_len=4, n_rows=2)
+    assert rows.tolist() == [[1, 2, 3, 1, 4], [5, 6, 7, 1, 8]]
+    assert longctx.long_rows(docs, seq_len=4, n_rows=9).shape == (2, 5)  # as many as the text holds
+
+
+class Uniform(nn.Module):
+    """Logits all equal: every target costs ln V."""
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.vocab_size = vocab_size
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab_size) + self.w
+
+
+class Copy(nn.Module):
+    """Predicts the target perfectly (loss ~0) only from position `start` on, uniform before:
+    per-position behaviour the buckets must resolve."""
+    def __init__(self, vocab_size, start, rows):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.vocab_size, self.start, self.rows = vocab_size, start, rows
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        match = next(r for r in self.rows if torch.equal(r[:-1], idx[0]))
+        targets = match[1:]
+        pos = torch.arange(idx.size(1))
+        logits[0, pos[self.start:], targets[self.start:]] = 100.0
+        return logits
+
+
+def test_loss_by_position_fixture_models():
+    V, T = 50, 24
+    rows = torch.randint(0, V, (3, T + 1))
+    edges = longctx.bucket_edges(6, T)
+    assert longctx.loss_by_position(Uniform(V), rows, edges) == pytest.approx([math.log(V)] * 4, rel=1e-6)
+    loss = longctx.loss_by_position(Copy(V, 12, rows), rows, edges)
+    assert loss[:2] == pytest.approx([math.log(V)] * 2, rel=1e-6)
+    assert loss[2:] == pytest.approx([0.0, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="need"):
+        longctx.loss_by_position(Uniform(V), rows, longctx.bucket_edges(6, 30))
+
+
+def test_end_to_end_on_random_tiny_model(tokenizer, capsys):
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=128)
+    rows = torch.randint(0, model.config.vocab_size, (2, 65))
+    edges = longctx.bucket_edges(16, 64)
+    results = {}
+    for name in ("a", "b"):
+        pk = longctx.passkey_accuracy(model, tokenizer, [96, 128], [0.0, 0.5, 1.0], trials=2, seed=1)
+        results[name] = {"loss_by_position": longctx.loss_by_position(model, rows, edges), "passkey": pk}
+        assert longctx.is_finite(results[name]["loss_by_position"])
+        assert all(0.0 <= acc <= 1.0 for row in pk.values() for acc in row.values())
+    table = longctx.format_table(results, edges, trained_len=32)
+    print(table)
+    assert "beyond-in" in table
+    assert "0-16" in capsys.readouterr().out and "passkey" in table
