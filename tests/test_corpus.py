@@ -1,7 +1,6 @@
 """The base corpus's token shards: the same shards for any number of workers, finished shards
 reused after a failure or an edit, JSONL and Parquet files read in pieces exactly as whole,
 held-out data by tokens, and a single text file training through the command line."""
-import ast
 import json
 import os
 import random
@@ -194,8 +193,9 @@ def test_one_text_file_trains_through_the_command_line(tmp_path, cpu_env):
     proc = fasttrain(["base", "--run", run, *TINY, "--data", one, "--max-steps", 2, "--val-tokens", 600], cpu_env)
     assert len((run / "base" / "metrics.jsonl").read_text().splitlines()) == 2
     assert "tokenis" not in proc.stderr  # the data command's shards were used
-    proc = fasttrain(["eval", "--run", run, "--data", one, "--device", "cpu", "--val-tokens", 10000], cpu_env)
-    scored = ast.literal_eval(proc.stdout.strip().splitlines()[-1])["val_tokens"]
+    fasttrain(["eval", "--run", run, "--data", one, "--device", "cpu", "--val-tokens", 10000, "--tasks", "none",
+               "--json", tmp_path / "eval.json"], cpu_env)
+    scored = json.loads((tmp_path / "eval.json").read_text())["stages"]["base"]["val_tokens"]
     assert 500 < scored <= 600  # the 600 held-out tokens (+ BOS), as 32-token rows score them
 
 
