@@ -198,7 +198,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
             with autocast:
                 loss_total, n_scored = accumulate_gradients(model, batches, info.world_size)
             grad_norm = clip_grad_norm(model, cfg.grad_clip)
-            loss_value = loss_total.item()
+            # one device-to-host copy for the step's three numbers (each .item() would sync)
+            loss_value, grad_norm, scored = torch.stack([loss_total, grad_norm.to(loss_total), n_scored]).tolist()
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
             multiplier = plan.lr_schedule(step, plan.total_steps)
             if finite:
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
             mfu = tokens_per_s * flops_per_token / (peak * info.world_size) if peak else None
             if info.is_main:
                 record = {"step": step, "loss": _json_number(loss_value), "grad_norm": _json_number(grad_norm),
-                          "lr": multiplier, "tokens_per_s": tokens_per_s, "scored_tokens": int(n_scored.item()),
+                          "lr": multiplier, "tokens_per_s": tokens_per_s, "scored_tokens": int(scored),
                           "utilization": plan.loader.last_stats.get("utilization"),
                           "data_wait_s": plan.loader.last_stats.get("wait_s"), "skipped": not finite,
                           "bad_steps": bad_total}
@@ -247,9 +248,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
     return model
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before."""
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before, a
+    0-dim tensor on the device."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm.item()
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

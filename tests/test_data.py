@@ -4,8 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fasttrain.data.shards import (ShardError, TokenShard, rank_slice, tokenize_to_shards,
-                                   write_shard)
+from fasttrain.data.shards import ShardError, TokenShard, write_shard
 from fasttrain.data.sources import (DataError, default_corpus_files, iter_conversations,
                                     iter_documents, iter_gsm8k, iter_multiple_choice)
 from fasttrain.data.tasks import (ArithmeticTask, IdentityTask, LetterCountTask, SpellingTask,
@@ -151,27 +150,3 @@ def test_corrupt_shards(tmp_path):
     (tmp_path / "magic.bin").write_bytes(b"XXXXXXXX" + data[8:])
     with pytest.raises(ShardError, match="magic.bin: not a fasttrain token shard"):
         TokenShard(tmp_path / "magic.bin")
-
-
-class _ToyTokenizer:
-    """Bytes as ids, bos = 256: enough to test sharding without training BPE."""
-    vocab_size, bos_id = 257, 256
-
-    def encode_batch(self, texts):
-        return [list(t.encode()) for t in texts]
-
-
-def test_tokenize_to_shards(tmp_path):
-    texts = [f"document {i}" * (i % 3 + 1) for i in range(25)]
-    paths = tokenize_to_shards(texts, _ToyTokenizer(), tmp_path, shard_tokens=100, batch_docs=4)
-    assert len(paths) > 1
-    docs = [d.tolist() for p in paths for d in TokenShard(p)]
-    assert docs == [[256] + list(t.encode()) for t in texts]
-
-
-@pytest.mark.parametrize("n_items, world_size", [(0, 3), (10, 1), (10, 3), (7, 8), (1000, 7)])
-def test_rank_slice_covers_every_item_once(n_items, world_size):
-    owned = [i for r in range(world_size) for i in rank_slice(n_items, r, world_size)]
-    assert owned == list(range(n_items))
-    with pytest.raises(ValueError, match="rank"):
-        rank_slice(n_items, world_size, world_size)
