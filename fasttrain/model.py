@@ -188,15 +188,17 @@ class GPT(nn.Module):
         self.cos.copy_(tables.cos)
         self.sin.copy_(tables.sin)
 
-    def forward(self, input_ids, targets=None, cu_seqlens=None, max_seqlen=0, kv_cache: KVCache | None = None):
+    def forward(self, input_ids, targets=None, cu_seqlens=None, max_seqlen=0, kv_cache: KVCache | None = None,
+                weights=None):
         """input_ids, targets: (B, T) int64; cu_seqlens: int32 (n_segments + 1,) over the flattened
-        B*T tokens for packed documents, or None for one sequence per row.
+        B*T tokens for packed documents, or None for one sequence per row. weights (B, T) float or
+        None: each target's loss times its weight (RL's advantages; None = 1 for every target).
 
         kv_cache (generation, fasttrain/engine.py): input_ids continue each row of the cache, at
         positions kv_cache.lengths[b] + t; their keys and values are stored, the lengths advance
         by T, and the logits (B, T, V) are returned.
 
-        With targets: returns the loss SUMMED over non-ignored targets (the trainer divides by the
+        With targets: returns the (weighted) loss SUMMED over non-ignored targets (the trainer divides by the
         global count of scored tokens). Without: returns logits (B, T, V) in fp32, softcapped.
         """
         B, T = input_ids.shape
@@ -217,7 +219,8 @@ class GPT(nn.Module):
             return softcap * torch.tanh(logits / softcap) if softcap else logits
         # the LM head is fused with the loss: the (B*T, V) logits never exist at once
         return kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                            ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+                                            ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap,
+                                            token_weight=None if weights is None else weights.reshape(-1))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -105,7 +105,7 @@ def accumulate_gradients(model, batches, world_size: int) -> tuple[torch.Tensor,
     n_scored = all_reduce_sum(sum((b.targets != IGNORE_INDEX).sum() for b in batches).to(torch.float32))
     loss_total = torch.zeros((), device=n_scored.device)
     for b in batches:
-        loss_sum = model(b.input_ids, b.targets, b.cu_seqlens, b.max_seqlen)
+        loss_sum = model(b.input_ids, b.targets, b.cu_seqlens, b.max_seqlen, weights=b.weights)
         loss = loss_sum * world_size / n_scored.clamp(min=1)  # x world_size undoes FSDP's average
         loss.backward()
         loss_total += loss.detach() / world_size

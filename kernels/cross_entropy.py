@@ -8,9 +8,12 @@ The math, per row with logits x (V,), target t, smoothing eps, z-loss weight zl,
     dz_j  = p_j * (1 + 2 * zl * lse) - eps / V - (1 - eps) * [j == t],   p_j = exp(z_j - lse)
     dx_j  = dz_j * (1 - (z_j / c)^2)        (softcap's chain rule)
 
-Rows whose target equals ignore_index give loss 0 and gradient 0. Reductions follow
+Rows whose target equals ignore_index give loss 0 and gradient 0. linear_cross_entropy also takes
+per-row weights w (token_weight, e.g. a policy-gradient advantage per token): row i's loss and its
+gradient are multiplied by w_i (a 0/1 weight is a loss mask). Reductions follow
 torch.nn.functional.cross_entropy: "mean" divides by the number of non-ignored rows (nan when every
-row is ignored, as torch gives), "sum" adds, "none" returns one loss per row. The returned loss is
+row is ignored, as torch gives; with token_weight still the count of non-ignored rows, not the sum of
+the weights, which may be negative or zero), "sum" adds, "none" returns one loss per row. The returned loss is
 fp32 whatever the logits dtype (the sum over a batch in bf16 would lose the loss value); gradients
 come back in the input dtype.
 
@@ -28,7 +31,8 @@ logits = hidden_chunk @ weight.T, the loss and dlogits (in place, same kernel), 
 grad_hidden_chunk = dlogits @ weight and grad_weight += dlogits.T @ hidden_chunk (fp32 accumulator).
 For "sum" and "mean" the gradients are computed during the forward and only scaled by the incoming
 gradient in the backward (one matmul fewer than recomputing); "none" recomputes in the backward,
-because grad_weight depends on the per-row incoming gradient. The CPU path is the same loop with
+because grad_weight depends on the per-row incoming gradient. Per-row weights fold into the per-row
+gradient factor the kernel already takes (GRAD_SCALE), so weighting adds no kernel pass. The CPU path is the same loop with
 PyTorch ops, so CPU training never materialises the full logits either.
 """
 import functools
@@ -356,24 +360,32 @@ def _reduce(loss, target, ignore_index, reduction):
     return loss.sum() / (target != ignore_index).sum()
 
 
+def _weighted(scale, token_weight):
+    """The per-row gradient factor times the per-row weights (N,) fp32, if there are any."""
+    return scale if token_weight is None else scale * token_weight
+
+
 @torch.library.custom_op("fasttrain::linear_cross_entropy", mutates_args=())
-def _linear_ce_op(hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
-                  label_smoothing: float, z_loss: float, softcap: Optional[float], chunk_size: int,
-                  grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_ce_op(hidden: Tensor, weight: Tensor, target: Tensor, token_weight: Optional[Tensor],
+                  ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+                  softcap: Optional[float], chunk_size: int, grad_hidden: bool,
+                  grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dh, dw): loss reduced as asked; dh/dw precomputed for an incoming gradient of 1
-    (only for sum/mean, and only where asked), else empty."""
+    (only for sum/mean, and only where asked), else empty. token_weight: (N,) fp32 or None."""
     opts = (ignore_index, label_smoothing, z_loss, softcap)
     precompute = reduction != "none"
-    scale = _grad_scale(target, ignore_index, reduction) if precompute else None
+    scale = _weighted(_grad_scale(target, ignore_index, reduction), token_weight) if precompute else None
     loss, dh, dw = _lce_chunks(hidden, weight, target, scale, opts, chunk_size, True,
                                grad_hidden and precompute, grad_weight and precompute)
+    if token_weight is not None:
+        loss = loss * token_weight
     return (_reduce(loss, target, ignore_index, reduction),
             dh if dh is not None else hidden.new_empty(0), dw if dw is not None else weight.new_empty(0))
 
 
 @_linear_ce_op.register_fake
-def _(hidden, weight, target, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
-      grad_hidden, grad_weight):
+def _(hidden, weight, target, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      chunk_size, grad_hidden, grad_weight):
     precompute = reduction != "none"
     loss = hidden.new_empty(hidden.shape[0] if reduction == "none" else (), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape if grad_hidden and precompute else 0)
@@ -382,30 +394,30 @@ def _(hidden, weight, target, ignore_index, reduction, label_smoothing, z_loss, 
 
 
 @torch.library.custom_op("fasttrain::linear_cross_entropy_bwd", mutates_args=())
-def _linear_ce_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
-                      reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                      chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Recompute the chunks with the incoming gradient folded into each row: (dh, dw)."""
+def _linear_ce_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+                      token_weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
+                      z_loss: float, softcap: Optional[float], chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Recompute the chunks with the incoming gradient (and the weights) folded into each row: (dh, dw)."""
     opts = (ignore_index, label_smoothing, z_loss, softcap)
-    scale = _grad_scale(target, ignore_index, reduction, grad_loss)
+    scale = _weighted(_grad_scale(target, ignore_index, reduction, grad_loss), token_weight)
     _, dh, dw = _lce_chunks(hidden, weight, target, scale, opts, chunk_size, False, True, True)
     return dh, dw
 
 
 @_linear_ce_bwd_op.register_fake
-def _(grad_loss, hidden, weight, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
+def _(grad_loss, hidden, weight, target, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
       chunk_size):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _linear_ce_setup(ctx, inputs, output):
-    hidden, weight, target, ignore_index, reduction, *opts, chunk_size, grad_hidden, grad_weight = inputs
+    hidden, weight, target, token_weight, ignore_index, reduction, *opts, chunk_size, grad_hidden, grad_weight = inputs
     ctx.precomputed = reduction != "none"
     ctx.args = (ignore_index, reduction, *opts, chunk_size)
     if ctx.precomputed:  # hidden and weight need not stay alive: the gradients are ready
         ctx.save_for_backward(output[1], output[2])
     else:
-        ctx.save_for_backward(hidden, weight, target)
+        ctx.save_for_backward(hidden, weight, target, token_weight)
     ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
 
 
@@ -415,9 +427,11 @@ def _linear_ce_backward(ctx, grad_loss, _grad_dh, _grad_dw):
         dh = dh * grad_loss.to(dh.dtype) if ctx.grad_hidden else None
         dw = dw * grad_loss.to(dw.dtype) if ctx.grad_weight else None
     else:
-        hidden, weight, target = ctx.saved_tensors
-        dh, dw = torch.ops.fasttrain.linear_cross_entropy_bwd(grad_loss, hidden, weight, target, *ctx.args)
-    return dh, dw, None, None, None, None, None, None, None, None, None
+        hidden, weight, target, token_weight = ctx.saved_tensors
+        dh, dw = torch.ops.fasttrain.linear_cross_entropy_bwd(grad_loss, hidden, weight, target, token_weight,
+                                                              *ctx.args)
+    # the weights are data (advantages, masks): no gradient flows into them
+    return dh, dw, None, None, None, None, None, None, None, None, None, None
 
 
 _linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -449,10 +463,14 @@ def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int = -100, 
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
                              reduction: str = "mean", softcap: Optional[float] = None, z_loss: float = 0.0,
-                             label_smoothing: float = 0.0) -> Tensor:
-    """Unfused: cross_entropy_ref(hidden @ weight.T); holds the full (N, V) logits."""
+                             label_smoothing: float = 0.0, token_weight: Optional[Tensor] = None) -> Tensor:
+    """Unfused: cross_entropy_ref(hidden @ weight.T), each row's loss times its token_weight; holds
+    the full (N, V) logits."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-    return cross_entropy_ref(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if token_weight is None:
+        return cross_entropy_ref(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss = cross_entropy_ref(logits, target, ignore_index, "none", label_smoothing, z_loss, softcap)
+    return _reduce(loss * token_weight.reshape(-1).to(loss.dtype), target.reshape(-1), ignore_index, reduction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,10 +526,13 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
                          reduction: str = "mean", softcap: Optional[float] = None, z_loss: float = 0.0,
-                         chunk_size: Optional[int] = None, label_smoothing: float = 0.0) -> Tensor:
+                         chunk_size: Optional[int] = None, label_smoothing: float = 0.0,
+                         token_weight: Optional[Tensor] = None) -> Tensor:
     """cross_entropy(hidden @ weight.T, target, ...) without ever holding the (N, V) logits.
 
-    hidden (..., C), weight (V, C) of the same float dtype, target (...) int64. chunk_size: tokens per
+    hidden (..., C), weight (V, C) of the same float dtype, target (...) int64. token_weight (...)
+    float, optional: each row's loss and gradient times its weight (no gradient flows into the
+    weights; "mean" still divides by the non-ignored count). chunk_size: tokens per
     chunk (default: about 2**27 logits per chunk on GPU, 2**21 on CPU). Returns an fp32 scalar, or
     (...) fp32 for "none". For "sum"/"mean" the gradients are computed in the forward when hidden or
     weight requires grad (the backward then only scales them), so calling backward is expected.
@@ -529,13 +550,20 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, ignore_
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     _check_target(target, hidden2d.shape[0], hidden.device, "hidden")
     target = target.reshape(-1).contiguous()
+    if token_weight is not None:
+        if not isinstance(token_weight, Tensor) or not token_weight.is_floating_point():
+            raise TypeError("token_weight must be a float tensor with one weight per row of hidden, or None")
+        if token_weight.numel() != target.numel() or token_weight.device != hidden.device:
+            raise ValueError(f"token_weight ({token_weight.numel()} elements on {token_weight.device}) must hold "
+                             f"one weight per row of hidden ({target.numel()}, on {hidden.device})")
+        token_weight = token_weight.detach().reshape(-1).float().contiguous()
     if chunk_size is None:
         chunk_size = _default_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.is_cuda)
     elif int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     needs_grad = torch.is_grad_enabled()
     loss, _, _ = torch.ops.fasttrain.linear_cross_entropy(
-        hidden2d, weight, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
+        hidden2d, weight, target, token_weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
         None if softcap is None else float(softcap), int(chunk_size),
         needs_grad and hidden.requires_grad, needs_grad and weight.requires_grad)
     return loss.view(lead) if reduction == "none" else loss

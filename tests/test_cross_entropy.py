@@ -210,6 +210,78 @@ def test_linear_only_one_side_requires_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, target), F.cross_entropy(h @ weight.t(), target))
 
 
+# ---- per-token weights (RL's advantages; SFT's 0/1 mask is the special case) ------------------------
+
+
+def check_weighted(dtype, reduction, chunk_size, n=37, c=24, vocab=53, **kw):
+    """Weighted fused loss and gradients against fp64 F.cross_entropy rows times the weights."""
+    torch.manual_seed(1)
+    hidden = torch.randn(n, c).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, c) * 0.3).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n,))
+    target[::4] = -100
+    w = torch.randn(n)  # advantages: either sign, some rows weigh 0
+    w[1::5] = 0.0
+    loss = linear_cross_entropy(hidden, weight, target, reduction=reduction, chunk_size=chunk_size,
+                                token_weight=w, **kw)
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    rows = expected_loss(h64 @ w64.t(), target, reduction="none", **kw) * w.double()
+    ref = {"sum": rows.sum(), "mean": rows.sum() / (target != -100).sum(), "none": rows}[reduction]
+    tol = 5 * TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    grad = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    dh, dw = torch.autograd.grad(loss, (hidden, weight), grad.float())
+    dh_ref, dw_ref = torch.autograd.grad(ref, (h64, w64), grad)
+    for g, g_ref in ((dh, dh_ref), (dw, dw_ref)):
+        torch.testing.assert_close(g.double(), g_ref, atol=tol * g_ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 10])
+def test_weighted_matches_reference(dtype, reduction, chunk_size):
+    check_weighted(dtype, reduction, chunk_size)  # the Triton kernel, interpreted
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weighted_reference_path(monkeypatch, reduction):
+    """The CPU training path (PyTorch, chunked), with softcap as the model uses it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_weighted(torch.float32, reduction, 10, softcap=4.0)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_zero_one_weights_are_the_sft_mask(monkeypatch, interpret):
+    """Weights 1 on the assistant's targets and 0 elsewhere give SFT's loss and gradients, where the
+    masked targets are ignored instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    torch.manual_seed(2)
+    n, c, vocab = 41, 16, 29
+    hidden = torch.randn(n, c, requires_grad=True)
+    weight = torch.randn(vocab, c, requires_grad=True)
+    target = torch.randint(0, vocab, (n,))
+    mask = torch.rand(n) < 0.6
+    sft = linear_cross_entropy(hidden, weight, torch.where(mask, target, -1), ignore_index=-1, reduction="sum",
+                               softcap=15.0, chunk_size=8)
+    weighted = linear_cross_entropy(hidden, weight, target, ignore_index=-1, reduction="sum", softcap=15.0,
+                                    chunk_size=8, token_weight=mask.float())
+    torch.testing.assert_close(weighted, sft)
+    for a, b in zip(torch.autograd.grad(weighted, (hidden, weight)), torch.autograd.grad(sft, (hidden, weight))):
+        torch.testing.assert_close(a, b)
+    unweighted = linear_cross_entropy(hidden, weight, target, reduction="mean", chunk_size=8)
+    ones = linear_cross_entropy(hidden, weight, target, reduction="mean", chunk_size=8, token_weight=torch.ones(n))
+    torch.testing.assert_close(ones, unweighted)
+
+
+def test_weighted_bad_inputs():
+    hidden, weight, target = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="one weight per row"):
+        linear_cross_entropy(hidden, weight, target, token_weight=torch.ones(3))
+    with pytest.raises(TypeError, match="float tensor"):
+        linear_cross_entropy(hidden, weight, target, token_weight=torch.ones(4, dtype=torch.long))
+
+
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
 
