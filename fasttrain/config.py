@@ -7,7 +7,7 @@ speedrun.py) import their config from here, and export it under their own name a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from fasttrain.cli import check_ranges
 from fasttrain.errors import ConfigError
@@ -115,17 +115,18 @@ class ModelConfig:
             raise ConfigError(f"--rope-scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
 
 
-# --- the stages (fasttrain/stages/)
+# --- the stages (fasttrain/stages/): each has one options dataclass, listed in TRAINING_STAGES
 @dataclass
-class BaseConfig:
+class BaseConfig(ModelConfig):
+    """The base stage's options: the model's shape (ModelConfig's fields) and the budget and schedule."""
     tokens_per_param: float = field(default=20.0, metadata={"help": "token budget = this x parameter count (unless --max-steps)", "range": (0, None), "low_exclusive": True})
     warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup steps", "range": (0, None)})
     warmdown_frac: float = field(default=0.2, metadata={"help": "fraction of steps of the final linear LR decay", "range": (0, 1)})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end of the warmdown, as a fraction of the peak", "range": (0, 1)})
     val_tokens: int = field(default=0, metadata={"help": "tokens held out for validation, the end of the token stream; 0 = 1%% of it (at least 4096 when the corpus has twice that, at most 4M)", "range": (0, None)})
 
-    def __post_init__(self):
-        check_ranges(self)
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
 
 # The default mixtures draw from five tasks; a smaller mixture cannot hold one of each.
@@ -161,8 +162,49 @@ class SFTConfig:
         check_ranges(self)
 
 
+# the generated tasks with a checkable answer, RL's default prompts (fasttrain/data/tasks.py)
+RL_TASKS = ("arithmetic", "spelling", "letter_count")
+
+
+@dataclass
+class RLConfig:
+    tasks: list[str] = field(default_factory=list, metadata={"help": "generated tasks to sample prompts from when no --data is given: arithmetic, spelling, letter_count; empty = all three"})
+    problems: int = field(default=1000, metadata={"help": "prompts drawn from each generated task's train split (repeats included)", "range": (1, None)})
+    samples_per_prompt: int = field(default=8, metadata={"help": "answers sampled per prompt: the group its advantages are relative to", "range": (2, None)})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest answer in tokens (and at most --seq-len minus the prompt)", "range": (1, None)})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "range": (0, None), "low_exclusive": True})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all", "range": (0, None)})
+    lr_frac: float = field(default=0.1, metadata={"help": "learning rates as a fraction of --lr, --embedding-lr and --head-lr", "range": (0, 1), "low_exclusive": True})
+    warmdown_frac: float = field(default=1.0, metadata={"help": "LR decays linearly to 0 over this fraction of the steps (1 = from the start)", "range": (0, 1)})
+
+    def __post_init__(self):
+        check_ranges(self)
+        unknown = [t for t in self.tasks if t not in RL_TASKS]
+        if unknown:
+            raise ConfigError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(RL_TASKS)}")
+
+
+# --- the registry of training stages, in training order: the commands, their options, the run's
+# folders, the speedrun, eval's columns and the stage a checkpoint is loaded from all follow it.
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the command, the folder <run>/<name>, and the module fasttrain/stages/<name>.py, whose
+    #            plan(cfg: TrainConfig, options, info: DistInfo) -> StagePlan the one loop runs
+    help: str
+    options: type  # the stage's options dataclass; its flags follow TrainConfig's
+
+
+TRAINING_STAGES = (
+    StageSpec("base", "base pretraining on raw text", BaseConfig),
+    StageSpec("mid", "mid-training on the conversation task mixture", MidConfig),
+    StageSpec("sft", "chat SFT on conversations, assistant tokens scored", SFTConfig),
+    StageSpec("rl", "reinforcement learning on prompts with checkable answers (sampled answers, "
+                    "group-relative advantages)", RLConfig),
+)
+
+
 # --- eval and chat (fasttrain/evaluate.py)
-STAGES = ("sft", "mid", "base")
+STAGES = tuple(s.name for s in reversed(TRAINING_STAGES))  # the latest stage first
 
 
 # the generated tasks `eval` scores by default (fasttrain/data/tasks.py)
@@ -172,7 +214,7 @@ EVAL_TASKS = ("arithmetic", "spelling", "letter_count", "identity")
 @dataclass
 class EvalConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    stage: str = field(default="all", metadata={"help": "base, mid, sft, or all (every stage with a checkpoint); empty = all"})
+    stage: str = field(default="all", metadata={"help": "base, mid, sft, rl, or all (every stage with a checkpoint); empty = all"})
     data: list[str] = field(default_factory=list, metadata={"help": "task files to score (chat, GSM8K-style or multiple-choice JSONL, told by their first record's keys), and the text whose held-out part is scored (default: what the base stage trained on)"})
     tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to score: arithmetic, spelling, letter_count, identity, or a task file's name without .jsonl; empty = all, none = only the validation loss"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -180,6 +222,8 @@ class EvalConfig:
     problems: int = field(default=20, metadata={"help": "test problems drawn per generated task (repeats are scored once)", "range": (1, None)})
     max_examples: int = field(default=200, metadata={"help": "score at most this many examples per task; 0 = all", "range": (0, None)})
     few_shot: int = field(default=3, metadata={"help": "solved examples of the same task before each question for the base model (plain Q:/A: text)", "range": (0, None)})
+    samples: int = field(default=0, metadata={"help": "also sample k answers per problem at --temperature and report pass@1 and pass@k; 0 = greedy only", "range": (0, None)})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for --samples", "range": (0, None), "low_exclusive": True})
     json: str = field(default="", metadata={"help": "also write every figure to this JSON file"})
 
     def __post_init__(self):
@@ -192,7 +236,7 @@ class EvalConfig:
 @dataclass
 class ChatConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory", "aliases": ["--run-dir"]})
-    stage: str = field(default="", metadata={"help": "base, mid or sft; empty = the latest stage with a checkpoint"})
+    stage: str = field(default="", metadata={"help": "base, mid, sft or rl; empty = the latest stage with a checkpoint"})
     prompt: str = field(default="", metadata={"help": "one message to answer; empty = read messages from stdin, one per line"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest reply in tokens", "range": (1, None)})
@@ -225,6 +269,8 @@ class SpeedrunConfig:
     base_steps: int = field(default=120, metadata={"help": "base pretraining steps (0 = the token budget)", "range": (0, None)})
     mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)", "range": (0, None)})
     sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)", "range": (0, None)})
+    rl: bool = field(default=False, metadata={"help": "add the RL stage after SFT"})
+    rl_steps: int = field(default=60, metadata={"help": "RL steps with --rl (0 = one pass over the prompts)", "range": (0, None)})
     seed: int = field(default=1337, metadata={"help": "seed", "range": (0, 2**32 - 1)})
     overwrite: bool = field(default=False, metadata={"help": "if the run folder holds an earlier speedrun, move its stages aside and start again"})
 

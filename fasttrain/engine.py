@@ -15,7 +15,7 @@ bench/bench_decode.py.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -68,13 +68,18 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> list[list[int]]:
+                 use_cache: bool = True, agree_done: Callable[[bool], bool] | None = None) -> list[list[int]]:
         """A continuation of each prompt (the new tokens only; a stop token ends its row and is not
         included). A row also ends at max_new_tokens, or when its context fills max_seq_len (the
         RoPE tables end there). A prompt longer than max_seq_len - 1 keeps its last tokens.
 
         Sampling draws from `generator`, or from a new one seeded with `seed`, or from torch's
         global generator; greedy (temperature 0) draws nothing.
+
+        agree_done(these rows are all done) -> stop now: for a sharded (FSDP) model, whose every
+        forward is a collective, so all ranks must run the same number of forwards; it returns
+        True once every rank's rows are done (until then a rank whose rows are done keeps feeding
+        them, their outputs ignored). Needs use_cache (its steps run until told to stop).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt at least one token")
@@ -100,7 +105,7 @@ class Engine:
                 out[b].append(token)
                 rows[b].append(token)
                 done[b] = len(out[b]) == max_new_tokens or len(rows[b]) >= max_len
-            if all(done):
+            if (all(done) if agree_done is None else agree_done(all(done))):
                 break
         return out
 

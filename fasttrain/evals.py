@@ -30,16 +30,17 @@ from pathlib import Path
 import torch
 
 from fasttrain.checkpoint import newest_checkpoint, read_meta
-from fasttrain.config import EVAL_TASKS, EvalConfig
+from fasttrain.config import EVAL_TASKS, STAGES, EvalConfig
 from fasttrain.data import tasks as generated
 from fasttrain.data.sources import LETTERS, source_files
 from fasttrain.errors import ConfigError, RunError, file_system
+from fasttrain.engine import Engine
 from fasttrain.evaluate import generate, load_model, validation_loss
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
 from fasttrain.stages.common import corpus_documents, load_tokenizer, read_conversations
 
-STAGE_ORDER = ("base", "mid", "sft")  # training order: the table's columns
+STAGE_ORDER = tuple(reversed(STAGES))  # training order: the table's columns
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
 
@@ -82,6 +83,32 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def is_correct(kind: str, reply: str, reference: str) -> bool:
+    """Whether a reply answers a problem of this kind: "number" (GSM8K-style: the final numbers
+    equal), "identity" (any of the identity task's self-descriptions), else normalised match. The
+    checker of both eval and RL's rewards."""
+    if kind == "number":
+        got = extract_number(reply)
+        return got is not None and got == extract_number(reference)
+    if kind == "identity":
+        return normalize(reply) in IDENTITY_ANSWERS
+    return normalize(reply) == normalize(reference)
+
+
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
+    """A normal-approximation interval for the mean of per-problem values (e.g. each problem's
+    fraction of correct samples), clipped to [0, 1]: samples of one problem are not independent,
+    so the problem, not the sample, is the unit."""
+    n = len(values)
+    if n < 2:
+        return 0.0, 1.0
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:  # every problem alike (often all 0 or all 1): Wilson's interval over the problems, not zero width
+        return wilson_interval(round(mean * n), n, z)
+    return max(0.0, mean - z * sd / math.sqrt(n)), min(1.0, mean + z * sd / math.sqrt(n))
 
 
 def score(correct: int, n: int, match: str) -> dict:
@@ -255,9 +282,16 @@ def _few_shot_prompt(model, tokenizer, task: TaskSet, i: int, few_shot: int) -> 
     return prompt
 
 
-def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) -> dict:
-    """Score rows of one task: {row name: score(...)}; a chat file gives an exact ("<name> exact") and a normalised row."""
+def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int, samples: int = 0,
+                  temperature: float = 1.0) -> dict:
+    """Score rows of one task: {row name: score(...)}; a chat file gives an exact ("<name> exact") and a normalised row.
+
+    samples k > 0 adds two rows from k answers sampled per problem at `temperature` (seeded by the
+    problem's index, so every stage draws alike): "<name> pass@1" (the mean over problems of the
+    fraction of its samples that are right) and "<name> pass@k" (the fraction of problems with at
+    least one right sample)."""
     correct = {"exact": 0, "normalised": 0}
+    sampled = []  # per problem: how many of its k samples are right
     for i, messages in enumerate(task.examples):
         prompt_messages, reference = messages[:-1], messages[-1]["content"]
         if chat:
@@ -274,14 +308,26 @@ def evaluate_task(model, tokenizer, task: TaskSet, chat: bool, few_shot: int) ->
         reply = tokenizer.decode(generate(model, prompt, task.max_new_tokens, stop_id=stop))
         reply = reply.strip() if chat else _base_reply(reply)
         if task.kind == "number":
-            got, want = extract_number(reply), extract_number(reference)
-            correct["exact"] += got is not None and got == want
-        elif task.kind == "identity":
-            correct["normalised"] += normalize(reply) in IDENTITY_ANSWERS
+            correct["exact"] += is_correct("number", reply, reference)
         else:
             correct["exact"] += reply == reference.strip()
-            correct["normalised"] += normalize(reply) == normalize(reference)
+            correct["normalised"] += is_correct(task.kind, reply, reference)
+        if samples:
+            answers = Engine(model).generate([prompt] * samples, task.max_new_tokens, temperature=temperature,
+                                             stop_ids=(stop,), seed=i)
+            replies = [tokenizer.decode(a).strip() if chat else _base_reply(tokenizer.decode(a)) for a in answers]
+            sampled.append(sum(is_correct(task.kind, r, reference) for r in replies))
     n = len(task.examples)
+    rows = {}
+    if samples and task.kind != "choice":  # multiple choice is scored by logits, never sampled
+        pass1 = [c / samples for c in sampled]
+        rows[f"{task.name} pass@1"] = {"accuracy": sum(pass1) / n, "n": n, "samples": samples,
+                                       "interval": list(mean_interval(pass1)), "match": f"{samples} samples"}
+        rows[f"{task.name} pass@{samples}"] = score(sum(c > 0 for c in sampled), n, f"any of {samples} samples")
+    return {**_greedy_rows(task, correct, n), **rows}
+
+
+def _greedy_rows(task: TaskSet, correct: dict, n: int) -> dict:
     if task.kind == "choice":
         return {task.name: score(correct["exact"], n, "letter logits")}
     if task.kind == "number":
@@ -334,7 +380,8 @@ def evaluate_run(cfg: EvalConfig, info: DistInfo) -> dict:
         stage_result["tasks"] = {}
         for task in sets:
             stage_result["tasks"].update(evaluate_task(model, tokenizer, task, chat=name != "base",
-                                                       few_shot=cfg.few_shot))
+                                                       few_shot=cfg.few_shot, samples=cfg.samples,
+                                                       temperature=cfg.temperature))
         results[name] = stage_result
         del model
     out = {"run": str(cfg.run), "stages": results}

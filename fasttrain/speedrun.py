@@ -1,6 +1,6 @@
 """The whole pipeline on the embedded default, in one process, sized for a 2-core CPU:
 
-    tokenizer (the standard-library source) -> base -> mid -> sft -> eval -> report
+    tokenizer (the standard-library source) -> base -> mid -> sft (-> rl with --rl) -> eval -> report
 
 The same stages, with the same code, scale up through the individual commands and torchrun.
 """
@@ -11,8 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from fasttrain.config import SpeedrunConfig, TokenizerConfig
-from fasttrain.model import ModelConfig
+from fasttrain.config import TRAINING_STAGES, SpeedrunConfig, TokenizerConfig
 from fasttrain.train import TrainConfig
 
 
@@ -30,19 +29,19 @@ def speedrun(cfg: SpeedrunConfig):
     from fasttrain.evaluate import generate, load_model, run_eval, EvalConfig
     from fasttrain.parallel import barrier, init_distributed, shutdown_distributed
     from fasttrain.rundir import claim_stage
-    from fasttrain.stages import base, mid, sft
+    from fasttrain.stages import run_stage
     from fasttrain.stages.common import load_tokenizer
     from fasttrain.stages.tokenizer import train_tokenizer
-    from fasttrain.train import train
 
     info = init_distributed(cfg.device)
+    stages = [spec for spec in TRAINING_STAGES if spec.name != "rl" or cfg.rl]
     try:
         with contextlib.ExitStack() as claims:
             # every stage is claimed before anything is trained: a run folder holding an earlier
             # speedrun fails here, before its tokenizer is replaced (--overwrite moves the stages aside)
             claimed = {name: claims.enter_context(claim_stage(cfg.run, name, info, overwrite=cfg.overwrite,
                                                                    resumable=False))
-                       for name in ("base", "mid", "sft")}
+                       for name in (spec.name for spec in stages)}
             timings = {}
             t0 = time.perf_counter()
             if info.is_main:
@@ -52,17 +51,12 @@ def speedrun(cfg: SpeedrunConfig):
 
             common = dict(run=cfg.run, device=cfg.device, seed=cfg.seed, seq_len=cfg.seq_len,
                           batch_tokens=cfg.batch_tokens, micro_batch=cfg.batch_tokens // cfg.seq_len, log_every=10)
-            stages = [
-                ("base", lambda tc: base.plan(tc, ModelConfig(depth=cfg.depth, max_seq_len=cfg.seq_len), base.BaseConfig(), info),
-                 cfg.base_steps),
-                ("mid", lambda tc: mid.plan(tc, mid.MidConfig(), info), cfg.mid_steps),
-                ("sft", lambda tc: sft.plan(tc, sft.SFTConfig(), info), cfg.sft_steps),
-            ]
-            for name, make_plan, steps in stages:
+            for spec in stages:
                 t0 = time.perf_counter()
-                train_cfg = TrainConfig(max_steps=steps, **common)
-                train(train_cfg, make_plan(train_cfg), info, claimed[name])
-                timings[name] = time.perf_counter() - t0
+                train_cfg = TrainConfig(max_steps=getattr(cfg, f"{spec.name}_steps"), **common)
+                options = spec.options(depth=cfg.depth) if spec.name == "base" else spec.options()
+                run_stage(spec.name, train_cfg, options, info, claimed[spec.name])
+                timings[spec.name] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         # the stage table (printed by eval, and in <run>/report.md) shows what each stage bought
@@ -70,7 +64,7 @@ def speedrun(cfg: SpeedrunConfig):
         timings["eval"] = time.perf_counter() - t0
 
         tokenizer = load_tokenizer(cfg.run)
-        model, _ = load_model(cfg.run, "sft", info.device)
+        model, _ = load_model(cfg.run, stages[-1].name, info.device)
         samples = []
         for prompt in PROMPTS:
             ids = generate(model, tokenizer.render_prompt([{"role": "user", "content": prompt}]), 48,
@@ -81,15 +75,16 @@ def speedrun(cfg: SpeedrunConfig):
 
     if info.is_main:
         print("\n=== fasttrain speedrun report ===")
-        for name in ("base", "mid", "sft"):
+        for name in (spec.name for spec in stages):
             first, last = stage_losses(Path(cfg.run) / name / "metrics.jsonl")
             tok_s = [json.loads(l)["tokens_per_s"] for l in (Path(cfg.run) / name / "metrics.jsonl").read_text().splitlines()]
             print(f"{name:4s}  loss {first:.3f} -> {last:.3f}   median {sorted(tok_s)[len(tok_s) // 2]:.0f} tok/s   "
                   f"{timings[name]:.0f}s")
         for name, r in evaluated.items():
             print(f"val   {name} model on held-out corpus text: {r['val_loss']:.3f} nats/token, {r['val_bpb']:.3f} bits/byte")
-        for task, r in evaluated.get("sft", {}).get("tasks", {}).items():
-            print(f"task  sft {task}: {100 * r['accuracy']:.0f}% of {r['n']} ({r['match']} match)")
+        final = stages[-1].name
+        for task, r in evaluated.get(final, {}).get("tasks", {}).items():
+            print(f"task  {final} {task}: {100 * r['accuracy']:.0f}% of {r['n']} ({r['match']} match)")
         print(f"time  " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {sum(timings.values()):.0f}s")
         for prompt, reply in samples:
             print(f"user: {prompt}\n  model: {reply!r}")

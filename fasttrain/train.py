@@ -47,6 +47,7 @@ class StagePlan:
     lr_schedule: Callable[[int, int], float]  # (step, total_steps) -> multiplier of each group's initial lr
     init_from: Path | None = None  # checkpoint to take the weights from; None = random init
     extra_meta: dict = field(default_factory=dict)  # saved with every checkpoint (stage settings)
+    on_model: Callable[[GPT], None] | None = None  # given the built model before the first step (RL samples from it)
 
 
 def lr_multiplier(step: int, total: int, warmup: int = 0, warmdown_frac: float = 0.2, final_frac: float = 0.0) -> float:
@@ -168,6 +169,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
             print(f"{plan.name}: resumed from {stage.resume_from} at step {step}", file=sys.stderr)
     elif plan.init_from is not None:
         load_model_weights(plan.init_from, model)
+    if plan.on_model is not None:
+        plan.on_model(model)
     if info.is_main:
         with file_system(f"cannot write {stage.metrics}"):
             # a resumed run rewrites the curve from its checkpoint on; a fresh run starts a new file
@@ -215,19 +218,24 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
 
             dt = time.perf_counter() - t0
             tokens_per_s = cfg.batch_tokens / dt
+            stats = plan.loader.last_stats
             mfu = tokens_per_s * flops_per_token / (peak * info.world_size) if peak else None
             if info.is_main:
+                # train_tokens_per_s leaves out the time spent waiting for data (RL: sampling)
+                train_s = max(dt - stats.get("wait_s", 0.0), 1e-9)
                 record = {"step": step, "loss": _json_number(loss_value), "grad_norm": _json_number(grad_norm),
-                          "lr": multiplier, "tokens_per_s": tokens_per_s, "scored_tokens": int(scored),
-                          "utilization": plan.loader.last_stats.get("utilization"),
-                          "data_wait_s": plan.loader.last_stats.get("wait_s"), "skipped": not finite,
-                          "bad_steps": bad_total}
+                          "lr": multiplier, "tokens_per_s": tokens_per_s,
+                          "train_tokens_per_s": stats.get("train_tokens", cfg.batch_tokens) / train_s,
+                          "scored_tokens": int(scored), "utilization": stats.get("utilization"),
+                          "data_wait_s": stats.get("wait_s"), "skipped": not finite, "bad_steps": bad_total,
+                          **stats.get("metrics", {})}
                 if mfu is not None:
                     record["mfu"] = mfu
                 with file_system(f"cannot write {stage.metrics}"), stage.metrics.open("a") as f:
                     f.write(json.dumps(record, allow_nan=False) + "\n")
                 if step % cfg.log_every == 0 or step == last_step or bad:
                     print(progress_line(plan.name, step, last_step, loss_value, multiplier, tokens_per_s, mfu)
+                          + "".join(f"  {k} {v:.3g}" for k, v in stats.get("metrics", {}).items())
                           + ("  (non-finite: update skipped)" if not finite else ""), file=sys.stderr, flush=True)
             if bad_in_a_row >= cfg.max_bad_steps:
                 what = "loss or gradient norm not finite" if not finite else f"loss above {worse_than_uniform:.2f}, worse than a uniform guess"

@@ -81,7 +81,7 @@ def assert_one_error_line(proc, *fragments):
 # --- numeric flags ----------------------------------------------------------------------------
 def config_classes() -> list[type]:
     """Every config class the command line builds flags from."""
-    classes = {cls for _, groups in _commands().values() for cls, _ in groups}
+    classes = {cls for _, groups, _ in _commands().values() for cls, _ in groups}
     return sorted(classes | {ModelConfig}, key=lambda c: c.__name__)
 
 

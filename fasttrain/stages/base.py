@@ -8,14 +8,15 @@ from pathlib import Path
 
 from fasttrain.config import BaseConfig
 from fasttrain.data.loader import PackedLoader
-from fasttrain.model import ModelConfig, count_params
+from fasttrain.model import count_params
 from fasttrain.parallel import DistInfo
 from fasttrain.stages.common import corpus_documents, load_tokenizer
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
 
 
-def plan(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, info: DistInfo) -> StagePlan:
+def plan(cfg: TrainConfig, base: BaseConfig, info: DistInfo) -> StagePlan:
     tokenizer = load_tokenizer(cfg.run)
+    model_cfg = base.model_config()
     docs = corpus_documents(cfg.data, tokenizer, Path(cfg.run) / "data" / "base", info, split="train",
                              val_tokens=base.val_tokens)
     model_cfg.vocab_size = tokenizer.vocab_size
