@@ -191,6 +191,33 @@ def test_gsm8k_and_chat_scoring(byte_tokenizer, monkeypatch):
     assert rows["chat exact"]["correct"] == 1 and rows["chat"]["correct"] == 2
 
 
+def test_sampled_pass_at_1_and_pass_at_k(byte_tokenizer, monkeypatch):
+    """k = 4 samples per GSM8K problem: 3 right on the first, none on the second."""
+    tok = byte_tokenizer
+    monkeypatch.setattr(evals, "generate", lambda *a, **k: tok.encode("#### 72"))  # greedy: first right
+
+    class Sampler:
+        calls = iter([["#### 72", "#### 72", "#### 5", "#### 72"], ["#### 1", "#### 2", "#### 3", "#### 4"]])
+
+        def __init__(self, model):
+            pass
+
+        def generate(self, prompts, *a, **k):
+            assert len(prompts) == 4
+            return [tok.encode(r) for r in next(Sampler.calls)]
+
+    monkeypatch.setattr(evals, "Engine", Sampler)
+    (task,) = evals.task_sets(_cfg(tasks=["gsm8k"]), [FIXTURES / "gsm8k.jsonl"])
+    rows = evals.evaluate_task(None, tok, task, chat=True, few_shot=0, samples=4)
+    assert rows["gsm8k"]["correct"] == 1
+    assert rows["gsm8k pass@1"]["accuracy"] == pytest.approx((3 / 4 + 0) / 2)
+    assert rows["gsm8k pass@4"]["correct"] == 1 and rows["gsm8k pass@4"]["n"] == 2
+    lo, hi = rows["gsm8k pass@1"]["interval"]
+    half = evals.Z95 * math.sqrt(((0.75 - 0.375) ** 2 + (0 - 0.375) ** 2) / 1) / math.sqrt(2)
+    assert (lo, hi) == pytest.approx((0.0, min(1.0, 0.375 + half)))
+    assert evals.mean_interval([0.0] * 10) == evals.wilson_interval(0, 10)  # never zero width
+
+
 # --- bits per byte ---------------------------------------------------------------------------
 def test_bits_per_byte_of_a_uniform_model(byte_tokenizer):
     tok = byte_tokenizer
