@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -214,25 +215,32 @@ class Timing:
         return f"{self.p20 * 1e3:.3g}-{self.p80 * 1e3:.3g}"
 
 
-def measure(fns: dict[str, Callable[[], object]], ctx: Context, reps: int | None = None,
-            warmup: int = 1, budget_s: float | None = None) -> dict[str, Timing | str]:
+def measure(fns: dict[str, Callable], ctx: Context, reps: int | None = None, warmup: int = 1,
+            budget_s: float | None = None, setup: dict[str, Callable] | None = None) -> dict[str, Timing | str]:
     """Time each callable ALTERNATELY: `warmup` untimed calls of each, then rounds of one timed call
     of each (order reversed every other round). Stops after `reps` rounds, or earlier once
     `budget_s` seconds have passed (at least 3 rounds). A callable that raises is dropped and its
-    result is 'failed: <error>'.
+    result is 'failed: <error>'. With `setup`, setup[name]() runs untimed before each call of that
+    name and its result is the callable's one argument (a fresh loader, zeroed gradients, ...).
 
     On GPU each call runs after an L2 flush and is timed with CUDA events; on CPU with
     time.perf_counter around the call."""
     reps = reps or ctx.size(full=15, quick=7, tiny=3)
     budget_s = budget_s if budget_s is not None else ctx.size(full=60.0, quick=20.0, tiny=2.0)
     results: dict[str, Timing | str] = {}
+    setup = setup or {}
     live = {}
     for name, fn in fns.items():
+        if name in setup:  # fn(state) with a fresh state from setup[name]() for every call
+            live_fn = lambda fn=fn, make=setup[name]: (make(), fn)  # noqa: E731
+        else:
+            live_fn = lambda fn=fn: (None, lambda _: fn())  # noqa: E731
         try:
             for _ in range(warmup):
-                fn()
+                state, call = live_fn()
+                call(state)
             _sync(ctx)
-            live[name] = fn
+            live[name] = live_fn
         except Exception as e:  # one failing baseline must not cost the whole table
             results[name] = failure(e)
             _free(ctx)
@@ -255,21 +263,22 @@ def measure(fns: dict[str, Callable[[], object]], ctx: Context, reps: int | None
 
 
 def failure(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+    first = str(e).strip().splitlines()[0][:70] if str(e).strip() else ""
     return f"failed: {type(e).__name__}{': ' + first if first else ''}"
 
 
-def _time_one(fn, ctx, flush) -> float:
+def _time_one(live_fn, ctx, flush) -> float:
+    state, fn = live_fn()
     if not ctx.cuda:
         t = time.perf_counter()
-        fn()
+        fn(state)
         return time.perf_counter() - t
     import torch
 
     flush()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    fn(state)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e-3
@@ -354,3 +363,143 @@ def measure_ceilings(ctx: Context) -> dict:
     t = measure({"matmul": lambda: a @ b, "copy": lambda: y.copy_(x)}, ctx, reps=reps, budget_s=30.0)
     return {"matmul TFLOP/s": 2 * n**3 / t["matmul"].median / 1e12,
             "memory GB/s": 2 * nbytes / t["copy"].median / 1e9}
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots (optional: matplotlib is not a dependency)
+# ------------------------------------------------------------------------------------------------
+
+
+def plot_lines(ctx: Context, filename: str, title: str, xlabel: str, ylabel: str,
+               series: dict[str, list[tuple[float, float]]], logx: bool = True) -> str:
+    """One line per name through its (x, y) points, saved as ctx.out/filename. Returns a note for
+    the table: where the plot went, or why there is none."""
+    def draw(ax):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=name)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+    return _save_plot(ctx, filename, title, ylabel, draw)
+
+
+def plot_bars(ctx: Context, filename: str, title: str, ylabel: str, bars: dict[str, float]) -> str:
+    """One bar per name (e.g. end-to-end tokens/s per configuration); see plot_lines."""
+    def draw(ax):
+        ax.bar(list(bars), list(bars.values()))
+        ax.tick_params(axis="x", labelrotation=20)
+    return _save_plot(ctx, filename, title, ylabel, draw)
+
+
+def _save_plot(ctx, filename, title, ylabel, draw) -> str:
+    if ctx.out is None:
+        return "plot: not written (no output folder)"
+    if optional("matplotlib") is None:
+        return "plot skipped (matplotlib not installed)"
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    os.makedirs(ctx.out, exist_ok=True)
+    path = os.path.join(ctx.out, filename)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward / backward timing of autograd functions (the kernel sections)
+# ------------------------------------------------------------------------------------------------
+
+PASSES = ("forward", "backward", "forward+backward")
+
+
+def measure_passes(impls: dict[str, Callable[[], object]], leaves: list, ctx: Context,
+                   passes=PASSES, **kw) -> dict[str, dict[str, Timing | str]]:
+    """{pass: {impl: Timing or 'failed: ...'}} for callables that return a tensor or a tuple of
+    tensors computed from `leaves` (tensors with requires_grad). forward runs under no_grad;
+    backward times torch.autograd.backward alone (the forward runs untimed before each call);
+    forward+backward times both. Gradients of the leaves are cleared untimed before each call,
+    and the output gradients are fixed random tensors. Implementations alternate within a pass."""
+    import torch
+
+    def outputs(fn):
+        out = fn()
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
+
+    grads = {}
+    for name, fn in impls.items():
+        try:
+            grads[name] = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outputs(fn)]
+        except Exception as e:
+            grads[name] = failure(e)
+        _free(ctx)
+    results = {}
+    live = {name: fn for name, fn in impls.items() if not isinstance(grads[name], str)}
+    dead = {name: grads[name] for name in impls if isinstance(grads[name], str)}
+
+    def fresh_graph(name):
+        def make():
+            clear()
+            return outputs(live[name])
+        return make
+
+    def forward(fn):
+        def call():
+            with torch.no_grad():
+                fn()
+        return call
+
+    def both(name):
+        def call(_):
+            torch.autograd.backward(outputs(live[name]), grads[name])
+        return call
+
+    for p in passes:
+        if p == "forward":
+            r = measure({n: forward(fn) for n, fn in live.items()}, ctx, **kw)
+        elif p == "backward":
+            r = measure({n: (lambda outs, n=n: torch.autograd.backward(outs, grads[n])) for n in live}, ctx,
+                        setup={n: fresh_graph(n) for n in live}, **kw)
+        else:
+            r = measure({n: both(n) for n in live}, ctx, setup={n: clear for n in live}, **kw)
+        results[p] = {name: r.get(name, dead.get(name)) for name in impls}
+    clear()
+    return results
+
+
+def add_pass_rows(table: Table, ctx: Context, case: str, results: dict, work: dict[str, float],
+                  unit: str, ours: str = "fasttrain", peak: dict | None = None):
+    """Rows `case, pass, impl, ms, p20-p80, <unit>, of ceiling, fasttrain speed-up[, peak MiB]` for
+    measure_passes results. work[pass] is FLOPs (unit 'TFLOP/s', against the matmul ceiling) or
+    bytes (unit 'GB/s', against the copy bandwidth) per call; `peak` is {impl: bytes}."""
+    for p, timings in results.items():
+        for name, timing in timings.items():
+            extra = [None if not peak or peak.get(name) is None else peak[name] / 2**20] if peak is not None else []
+            if isinstance(timing, str):
+                table.add(case, p, name, timing, *[None] * (len(table.columns) - 4))
+                continue
+            rate = work[p] / timing.median / (1e12 if unit == "TFLOP/s" else 1e9)
+            share = ctx.of_peak(rate) if unit == "TFLOP/s" else ctx.of_bandwidth(rate)
+            table.add(case, p, name, timing.ms, timing.spread(), rate, pct(share),
+                      ratio(speedup(timing, timings.get(ours))), *extra)
+
+
+def pass_columns(unit: str, memory: bool = False) -> list[str]:
+    return (["case", "pass", "implementation", "ms", "p20-p80 ms", unit,
+             "of " + ("matmul peak" if unit == "TFLOP/s" else "copy bw"), "fasttrain speed-up"]
+            + (["peak MiB"] if memory else []))
