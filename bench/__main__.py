@@ -30,10 +30,10 @@ from bench.common import Context, Table, measure_ceilings
 
 # One module per section, bench/<name>.py, each with run(ctx) -> list[Table]; in the order run.
 SECTIONS = [
-    "compile_report",  # static sm_90 / sm_80 resources of every kernel config (no GPU needed)
     "attention",
     "rope",
     "cross_entropy",
+    "compile_report",  # static sm_90 / sm_80 resources of every kernel config (no GPU needed)
     "tokenizer",
     "packing",
     "loader",
@@ -66,6 +66,14 @@ def stamp(ctx: Context) -> dict:
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "mode": "tiny" if ctx.tiny else "quick" if ctx.quick else "full"}
+
+
+def write_json(path: str, report: dict):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def run_section(name: str, ctx: Context) -> tuple[list[Table], bool]:
@@ -127,11 +135,10 @@ def main(argv=None) -> int:
         report["sections"][name] = {"seconds": seconds, "ok": ok, "tables": [t.to_json() for t in tables]}
         if not ok:
             failed.append(name)
-    report["seconds"] = time.perf_counter() - t0
+        report["seconds"] = time.perf_counter() - t0
+        if args.json:  # after every section, so a run cut short keeps what it measured
+            write_json(args.json, report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {args.json}")
     print(f"bench: {len(report['sections'])} sections in {report['seconds']:.0f} s"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

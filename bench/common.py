@@ -29,8 +29,9 @@ Timing: `measure({"fasttrain": f, "torch": g, ...}, ctx)` calls the callables AL
 each per round, the order reversed every other round, so a change of load on a shared machine hits
 them alike) after a warm-up, and returns a `Timing` (median, p20, p80 seconds) per name, or a
 string saying why that callable failed. On GPU every call is timed with CUDA events after the L2
-cache was flushed. `peak_memory(fn, ctx)` is the bytes a call adds at its peak
-(torch.cuda.max_memory_allocated on GPU, the process's peak RSS on Linux CPU). The usual ratio
+cache was flushed. `peak_memory(fn, ctx)` is the bytes a call adds at its peak on GPU
+(torch.cuda.max_memory_allocated); on CPU `peak_memory_fresh` measures the peak RSS of one call in
+a fresh process. The usual ratio
 column is `speedup(baseline, ours)` = baseline time / fasttrain time: above 1, fasttrain is faster.
 
 Tables go to the terminal (`Table.render`) and, with --json, into one file with the run's stamp
@@ -307,26 +308,61 @@ def _free(ctx):
 
 
 def peak_memory(fn: Callable[[], object], ctx: Context) -> int | None:
-    """Bytes one call of fn adds at its peak above what was allocated before it. GPU: the CUDA
-    allocator's peak. CPU (Linux): the process's peak RSS (VmHWM, reset through
-    /proc/self/clear_refs) above the RSS before; None where that cannot be read."""
-    if ctx.cuda:
-        import torch
+    """Bytes one call of fn adds at its peak above what was allocated before it, on GPU (the CUDA
+    allocator's peak). On CPU use peak_memory_fresh: in a process that already ran the call, the
+    memory malloc kept from earlier calls hides the peak."""
+    if not ctx.cuda:
+        raise ValueError("peak_memory measures the CUDA allocator; on CPU use peak_memory_fresh")
+    import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def peak_memory_fresh(module: str, factory: str, *args) -> int | None:
+    """CPU: the peak RSS one call adds, in a fresh Python process whose malloc hands freed memory
+    back: `module.factory(*args)` builds the inputs and returns the call, which runs once to warm
+    up; the peak is VmHWM during the second call minus VmRSS before it (Linux). None where that
+    cannot be measured."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"from bench.common import _peak_child; _peak_child({module!r}, {factory!r}, {json.dumps(args)!r})"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    try:
+        return int(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _peak_child(module: str, factory: str, args_json: str):
+    import json
+
+    try:  # glibc: large blocks from mmap and freed memory returned, so RSS follows what is live
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give back any free top of the heap
+    except (OSError, AttributeError):
+        pass
+    call = getattr(importlib.import_module(module), factory)(*json.loads(args_json))
+    call()  # warm-up: first-call set-up (thread pools, library state) is not the call's memory
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         base = _proc_status_kb("VmRSS")
-        fn()
-        return (_proc_status_kb("VmHWM") - base) * 1024
     except OSError:
-        return None
+        print("none")
+        return
+    call()
+    print((_proc_status_kb("VmHWM") - base) * 1024)
 
 
 def _proc_status_kb(key: str) -> int:

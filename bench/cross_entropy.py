@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Context, Table, add_pass_rows, measure_passes, optional, pass_columns, peak_memory)
+from bench.common import (Context, Table, add_pass_rows, measure_passes, optional, pass_columns, peak_memory,
+                          peak_memory_fresh)
 
 
 def _linear_impls(ctx: Context, reduction="sum"):
@@ -53,6 +54,21 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _linear_inputs(device, n, c, vocab, dtype):
+    torch.manual_seed(0)
+    hidden = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, c, device=device) * c**-0.5).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n,), device=device)
+    return hidden, weight, target
+
+
+def cpu_step(name, n, c, vocab):
+    """One CPU forward + backward of implementation `name`, inputs built (for peak_memory_fresh)."""
+    fn = _linear_impls(Context())[0][name]
+    inputs = _linear_inputs("cpu", n, c, vocab, torch.float32)
+    return lambda: fn(*inputs).backward()
+
+
 def linear_table(ctx: Context) -> Table:
     if ctx.cuda:
         n, c, vocab = ctx.size((32768, 2048, 65536), (8192, 2048, 65536), (256, 64, 1024))
@@ -60,17 +76,15 @@ def linear_table(ctx: Context) -> Table:
     else:
         n, c, vocab = ctx.size((4096, 256, 4096), (2048, 256, 4096), (128, 32, 512))
         dtype = torch.float32
-    torch.manual_seed(0)
-    hidden = torch.randn(n, c, device=ctx.device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(vocab, c, device=ctx.device) * c**-0.5).to(dtype).requires_grad_()
-    target = torch.randint(0, vocab, (n,), device=ctx.device)
+    hidden, weight, target = _linear_inputs(ctx.device, n, c, vocab, dtype)
     impls, missing = _linear_impls(ctx)
     calls = {name: (lambda fn=fn: fn(hidden, weight, target)) for name, fn in impls.items()}
     results = measure_passes(calls, [hidden, weight], ctx, reps=ctx.size(15, 5, 3))
     peak = {}
     for name, fn in calls.items():
         try:
-            peak[name] = peak_memory(lambda fn=fn: fn().backward(), ctx)
+            peak[name] = (peak_memory(lambda fn=fn: fn().backward(), ctx) if ctx.cuda
+                          else peak_memory_fresh("bench.cross_entropy", "cpu_step", name, n, c, vocab))
         except Exception:  # the timing rows already say why it failed
             peak[name] = None
         hidden.grad = weight.grad = None
@@ -82,7 +96,7 @@ def linear_table(ctx: Context) -> Table:
     for name, why in missing.items():
         table.add(case, "", name, why, *[None] * (len(table.columns) - 4))
     table.notes.append("peak MiB: one forward + backward above the inputs "
-                       + ("(torch.cuda.max_memory_allocated)" if ctx.cuda else "(peak RSS of this process)"))
+                       + ("(torch.cuda.max_memory_allocated)" if ctx.cuda else "(peak RSS, one call in a fresh process)"))
     if not ctx.cuda:
         table.notes.append(f"CPU, {torch.get_num_threads()} threads: the PyTorch paths (no Triton kernel runs on CPU)")
     return table

@@ -5,7 +5,7 @@ Generates a corpus in a temporary folder (the embedded default corpus, the stand
 files, repeated; JSONL files of 64 MB, one source file per line), trains a tokenizer on its first
 MB, then runs the `data` command once per worker count into an empty cache and reports MB/s (as
 the command measures it: source bytes over its tokenising time), tokens/s, and the peak RSS of
-the largest process (the command or one of its workers, from os.wait4's rusage of its tree).
+the largest process (the command or one of its workers; VmHWM sampled every 0.1 s).
 Each setting is one run of a separate process, so these do not alternate.
 """
 from __future__ import annotations
@@ -54,13 +54,42 @@ def _fasttrain(args: list[str], env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
+def _watch_peak_rss(proc: subprocess.Popen, every_s: float = 0.1) -> tuple[int, str]:
+    """(largest VmHWM in kB of the process and its children, sampled until it exits; its stderr).
+    Its own rusage would not do: a child started from this big process inherits its peak RSS."""
+    import threading
+
+    err_chunks = []
+    reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()  # drain stderr meanwhile, so the command never blocks on a full pipe
+    peak = 0
+    while proc.poll() is None:
+        for pid in [proc.pid, *_children(proc.pid)]:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+        time.sleep(every_s)
+    reader.join()
+    return peak, "".join(err_chunks)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def run_data(run: Path, corpus: Path, workers: int, shard_tokens: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     start = time.perf_counter()
     proc = _fasttrain(["data", "--run", str(run), "--data", str(corpus), "--workers", str(workers),
                        "--shard-tokens", str(shard_tokens)], env)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak_kb, err = _watch_peak_rss(proc)
+    status = proc.wait()
     wall = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(f"data --workers {workers} failed:\n{err[-2000:]}")
@@ -69,7 +98,7 @@ def run_data(run: Path, corpus: Path, workers: int, shard_tokens: int) -> dict:
     if not m or not tokens:
         raise RuntimeError(f"data --workers {workers}: its summary lines changed; the end of its output:\n{err[-1000:]}")
     return {"mb": float(m[1]), "seconds": float(m[2]), "mb_s": float(m[3]), "wall_s": wall,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "tokens": int(tokens[1]), "shards": int(tokens[3])}
+            "peak_rss_mb": peak_kb / 1024, "tokens": int(tokens[1]), "shards": int(tokens[3])}
 
 
 def run(ctx: Context) -> list[Table]:

@@ -214,6 +214,6 @@ def speed_table(ctx: Context, docs, row_len, buffer_docs) -> Table:
 
 def run(ctx: Context) -> list[Table]:
     lengths = stdlib_lengths()
-    lengths = lengths[:ctx.size(len(lengths), 600, 40)]
+    lengths = lengths[:ctx.size(len(lengths), len(lengths), 40)]
     docs = make_docs(np.random.default_rng(0), lengths)
     return [quality_table(docs, ROW_LEN, BUFFER_DOCS), speed_table(ctx, docs, ROW_LEN, BUFFER_DOCS)]

@@ -62,7 +62,7 @@ def _hf_trainer(texts, vocab, out):
 def run(ctx: Context) -> list[Table]:
     from fasttrain.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-    texts, size = load_corpus(ctx.size(None, 4.0, 0.3))
+    texts, size = load_corpus(ctx.size(None, 8.0, 0.3))
     vocab = ctx.size(4096, 4096, 512)
     mb = size / 1e6
 
