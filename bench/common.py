@@ -145,6 +145,10 @@ def format_cell(c) -> str:
     """Figures to three significant digits (no exponent for everyday sizes)."""
     if c is None:
         return ""
+    if isinstance(c, Percent):
+        return f"{100 * c:.0f}%"
+    if isinstance(c, Ratio):
+        return f"{c:.2f}x"
     if isinstance(c, bool) or isinstance(c, int):
         return str(c)
     if isinstance(c, float):
@@ -161,14 +165,20 @@ def format_cell(c) -> str:
     return str(c)
 
 
-def pct(fraction: float | None) -> str | None:
-    """0.4213 -> '42%' (None stays empty)."""
-    return None if fraction is None else f"{100 * fraction:.0f}%"
+class Percent(float):
+    """A fraction shown as '42%' in tables; a plain number (0.42) in the JSON."""
 
 
-def ratio(x: float | None) -> str | None:
-    """A speed-up as '1.23x' (None stays empty)."""
-    return None if x is None else f"{x:.2f}x"
+class Ratio(float):
+    """A speed-up shown as '1.23x' in tables; a plain number in the JSON."""
+
+
+def pct(fraction: float | None) -> Percent | None:
+    return None if fraction is None else Percent(fraction)
+
+
+def ratio(x: float | None) -> Ratio | None:
+    return None if x is None else Ratio(x)
 
 
 def speedup(baseline: Timing | str | None, ours: Timing | str | None) -> float | None:
