@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=SECTIONS, metavar="NAME",
                         help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
     parser.add_argument("--json", metavar="FILE", help="write every table and the run's stamp here")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown (for bench/RESULTS.md)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="folder for plots (default: beside --json, else runs/bench; none with --tiny)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
           f"TFLOP/s ({what}), copy {ctx.ceilings['memory GB/s']:.3g} GB/s (read + write)\n", flush=True)
 
     report = {"meta": meta, "ceilings": ctx.ceilings, "sections": {}}
+    markdown = [f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}, "
+                f"{meta['date']}, `python -m bench{' --quick' if ctx.quick else ''}`; ceilings: matmul "
+                f"{ctx.ceilings['matmul TFLOP/s']:.3g} TFLOP/s ({what}), copy {ctx.ceilings['memory GB/s']:.3g} GB/s", ""]
     failed = []
     for name in args.only or SECTIONS:
         start = time.perf_counter()
@@ -138,6 +142,9 @@ def main(argv=None) -> int:
         report["seconds"] = time.perf_counter() - t0
         if args.json:  # after every section, so a run cut short keeps what it measured
             write_json(args.json, report)
+        markdown += [f"#### {t.title} ({name}, {seconds:.0f} s)\n\n{t.markdown()}\n" for t in tables]
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(markdown))
     if args.json:
         print(f"wrote {args.json}")
     print(f"bench: {len(report['sections'])} sections in {report['seconds']:.0f} s"

@@ -34,8 +34,18 @@ cache was flushed. `peak_memory(fn, ctx)` is the bytes a call adds at its peak o
 a fresh process. The usual ratio
 column is `speedup(baseline, ours)` = baseline time / fasttrain time: above 1, fasttrain is faster.
 
+Forward/backward sections: `measure_passes({"fasttrain": f, ...}, leaves, ctx)` times forward,
+backward alone and both for callables returning tensors; `add_pass_rows` turns the result into
+rows with TFLOP/s or GB/s, the fraction of the ceiling and the speed-up (`pass_columns` names the
+columns).
+
+Plots (skipped with a note when matplotlib is missing or ctx.out is None): `plot_lines` (e.g.
+attention TFLOP/s against sequence length per implementation) and `plot_bars` (e.g. end-to-end
+tokens/s per configuration); both return the line to put in the table's notes.
+
 Tables go to the terminal (`Table.render`) and, with --json, into one file with the run's stamp
-(device, torch/Triton versions, commit, date): `Table.to_json` is the row format there.
+(device, torch/Triton versions, commit, date): `Table.to_json` is the row format there; cells
+made by `ratio` and `pct` are plain numbers in the JSON and "1.23x" / "42%" in the tables.
 """
 from __future__ import annotations
 
@@ -133,7 +143,7 @@ class Table:
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(format_cell(c) for c in row) + " |" for row in self.rows]
-        return "\n".join(lines + [""] + self.notes)
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
     def to_json(self) -> dict:
         clean = [[None if isinstance(c, float) and not math.isfinite(c) else c for c in row]

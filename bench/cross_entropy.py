@@ -95,6 +95,8 @@ def linear_table(ctx: Context) -> Table:
     add_pass_rows(table, ctx, case, results, flops, "TFLOP/s", peak=peak)
     for name, why in missing.items():
         table.add(case, "", name, why, *[None] * (len(table.columns) - 4))
+    table.notes.append("fasttrain computes the gradients in its forward when autograd is on (its backward only "
+                       "scales them): compare forward+backward; forward alone runs under no_grad")
     table.notes.append("peak MiB: one forward + backward above the inputs "
                        + ("(torch.cuda.max_memory_allocated)" if ctx.cuda else "(peak RSS, one call in a fresh process)"))
     if not ctx.cuda:

@@ -102,7 +102,7 @@ def run_data(run: Path, corpus: Path, workers: int, shard_tokens: int) -> dict:
 
 
 def run(ctx: Context) -> list[Table]:
-    nbytes = int(ctx.size(1e9, 60e6, 2e6))
+    nbytes = int(ctx.size(1e9, 150e6, 2e6))
     workers = ctx.size((1, 2), (1, 2), (1,))
     shard_tokens = ctx.size(1 << 24, 1 << 22, 1 << 18)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ def _table(ctx: Context) -> Table:
     from fasttrain.engine import Engine
 
     contexts = ctx.size((256, 1024), (256, 1024), (32,))
-    new = ctx.size(32, 16, 4)
+    new = ctx.size(32, 32, 4)
     model = _model(ctx, depth=2, vocab_size=4096)
     engine = Engine(model)
     cfg = model.config

@@ -102,7 +102,7 @@ def run(ctx: Context) -> list[Table]:
 
 
 def _tables(ctx, backend) -> list[Table]:
-    n_steps = ctx.size(160, 48, 4)
+    n_steps = ctx.size(160, 96, 4)
     reps = ctx.size(7, 5, 3)
     step_tokens = ROWS_PER_STEP * SEQ_LEN
     small, large = ctx.size(10_000, 10_000, 1_000), ctx.size(1_000_000, 1_000_000, 10_000)

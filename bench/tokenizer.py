@@ -76,7 +76,7 @@ def run(ctx: Context) -> list[Table]:
         trainers["rustbpe"] = _rustbpe_trainer(texts, vocab, trained)
     if optional("tokenizers"):
         trainers["hf tokenizers"] = _hf_trainer(texts, vocab, trained)
-    times = measure(trainers, ctx, reps=ctx.size(3, 1, 1), warmup=0, budget_s=ctx.size(300, 60, 5))
+    times = measure(trainers, ctx, reps=ctx.size(3, 3, 1), warmup=0, budget_s=ctx.size(300, 60, 5))
 
     encoders = {"fasttrain": lambda: trained["fasttrain"].encode_batch(texts, num_threads=ENCODE_THREADS),
                 "rustbpe": lambda: trained["rustbpe"].batch_encode(texts),
