@@ -233,7 +233,7 @@ class Timing:
 
     def spread(self) -> str:
         """'p20-p80' in ms, for a column beside the median."""
-        return f"{self.p20 * 1e3:.3g}-{self.p80 * 1e3:.3g}"
+        return f"{_short(self.p20 * 1e3)}-{_short(self.p80 * 1e3)}"
 
 
 def measure(fns: dict[str, Callable], ctx: Context, reps: int | None = None, warmup: int = 1,
@@ -281,6 +281,11 @@ def measure(fns: dict[str, Callable], ctx: Context, reps: int | None = None, war
     for name in live:
         results[name] = Timing.of(times[name])
     return {name: results[name] for name in fns}  # the caller's order
+
+
+def _short(x: float) -> str:
+    """Three significant digits without an exponent below a million: 0.0123, 1.23, 123, 1234."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def failure(e: BaseException) -> str:

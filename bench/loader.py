@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import Context, Table, measure, pct, ratio, speedup
+from bench.common import Context, Table, Timing, measure, pct, ratio, speedup
 
 BOS = 1
 SEQ_LEN, ROWS_PER_STEP, MICRO_BATCH, BUFFER_DOCS, PREFETCH = 2048, 32, 8, 4096, 2
@@ -119,7 +119,7 @@ def _tables(ctx, backend) -> list[Table]:
             alone.missing(name, timing)
             continue
         alone.add(name, step_tokens * n_steps / timing.median / 1e6, timing.ms / n_steps,
-                  f"{timing.p20 * 1e3 / n_steps:.3g}-{timing.p80 * 1e3 / n_steps:.3g}",
+                  Timing(0, timing.p20 / n_steps, timing.p80 / n_steps, 0).spread(),
                   ratio(speedup(timing, first)))
     alone.notes.append("the same work per step whatever the corpus size: the last column should be ~1x "
                        "(a ratio of tokens/s, noisy on a shared machine)")
