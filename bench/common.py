@@ -348,26 +348,28 @@ def peak_memory(fn: Callable[[], object], ctx: Context) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
-def peak_memory_fresh(module: str, factory: str, *args) -> int | None:
-    """CPU: the peak RSS one call adds, in a fresh Python process whose malloc hands freed memory
-    back: `module.factory(*args)` builds the inputs and returns the call, which runs once to warm
-    up; the peak is VmHWM during the second call minus VmRSS before it (Linux). None where that
-    cannot be measured."""
+def peak_memory_fresh(module: str, factory: str, arg_lists: list[list]) -> list[int | None]:
+    """CPU: the peak RSS one call adds, measured in a fresh Python process whose malloc hands freed
+    memory back, for each args in arg_lists: `module.factory(*args)` builds the inputs and returns
+    the call, which runs once to warm up; the peak is VmHWM during the second call minus VmRSS
+    before it (Linux). None where that cannot be measured."""
     import json
     import subprocess
     import sys
 
-    code = f"from bench.common import _peak_child; _peak_child({module!r}, {factory!r}, {json.dumps(args)!r})"
+    code = (f"from bench.common import _peak_child; "
+            f"_peak_child({module!r}, {factory!r}, {json.dumps(arg_lists)!r})")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     try:
-        return int(proc.stdout.strip().splitlines()[-1])
+        peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return None
+        return [None] * len(arg_lists)
+    return peaks + [None] * (len(arg_lists) - len(peaks))
 
 
-def _peak_child(module: str, factory: str, args_json: str):
+def _peak_child(module: str, factory: str, arg_lists_json: str):
     import json
 
     try:  # glibc: large blocks from mmap and freed memory returned, so RSS follows what is live
@@ -377,17 +379,21 @@ def _peak_child(module: str, factory: str, args_json: str):
         libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give back any free top of the heap
     except (OSError, AttributeError):
         pass
-    call = getattr(importlib.import_module(module), factory)(*json.loads(args_json))
-    call()  # warm-up: first-call set-up (thread pools, library state) is not the call's memory
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        base = _proc_status_kb("VmRSS")
-    except OSError:
-        print("none")
-        return
-    call()
-    print((_proc_status_kb("VmHWM") - base) * 1024)
+    make = getattr(importlib.import_module(module), factory)
+    peaks = []
+    for args in json.loads(arg_lists_json):
+        try:
+            call = make(*args)
+            call()  # warm-up: first-call set-up (thread pools, library state) is not the call's memory
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            base = _proc_status_kb("VmRSS")
+            call()
+            peaks.append((_proc_status_kb("VmHWM") - base) * 1024)
+        except Exception:  # not measurable here (no /proc, or the call fails: its timing row says why)
+            peaks.append(None)
+        call = None  # free this call's inputs before the next is built
+    print(json.dumps(peaks))
 
 
 def _proc_status_kb(key: str) -> int:

@@ -80,14 +80,17 @@ def linear_table(ctx: Context) -> Table:
     impls, missing = _linear_impls(ctx)
     calls = {name: (lambda fn=fn: fn(hidden, weight, target)) for name, fn in impls.items()}
     results = measure_passes(calls, [hidden, weight], ctx, reps=ctx.size(15, 5, 3))
-    peak = {}
-    for name, fn in calls.items():
-        try:
-            peak[name] = (peak_memory(lambda fn=fn: fn().backward(), ctx) if ctx.cuda
-                          else peak_memory_fresh("bench.cross_entropy", "cpu_step", name, n, c, vocab))
-        except Exception:  # the timing rows already say why it failed
-            peak[name] = None
-        hidden.grad = weight.grad = None
+    if ctx.cuda:
+        peak = {}
+        for name, fn in calls.items():
+            try:
+                peak[name] = peak_memory(lambda fn=fn: fn().backward(), ctx)
+            except Exception:  # the timing rows already say why it failed
+                peak[name] = None
+            hidden.grad = weight.grad = None
+    else:
+        peak = dict(zip(calls, peak_memory_fresh("bench.cross_entropy", "cpu_step",
+                                                 [[name, n, c, vocab] for name in calls])))
     table = Table(f"Linear cross-entropy: N={n} tokens, C={c}, V={vocab}, {str(dtype)[6:]}, reduction sum",
                   pass_columns("TFLOP/s", memory=True))
     flops = {"forward": 2 * n * c * vocab, "backward": 4 * n * c * vocab, "forward+backward": 6 * n * c * vocab}
