@@ -1,7 +1,8 @@
 """The benchmark suite: every section this machine can run, fasttrain against its baselines.
 
     python -m bench                      every section (GPU kernels when CUDA is there)
-    python -m bench --quick              a subset: ~10 min on 2 CPU cores, ~8 min on one H200
+    python -m bench --quick              a subset: ~3 min on 2 CPU cores (10 at most), meant to
+                                         fit 8 min on one H200
     python -m bench --only packing       one section (repeatable)
     python -m bench --json results.json  also write every figure, stamped with device, versions,
                                          commit and date
@@ -90,7 +91,7 @@ def run_section(name: str, ctx: Context) -> tuple[list[Table], bool]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a subset of sizes (~10 min on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="a subset of sizes (~3 min on 2 CPU cores)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the smoke test's sizes
     parser.add_argument("--only", action="append", choices=SECTIONS, metavar="NAME",
                         help=f"run only this section (repeatable): {', '.join(SECTIONS)}")

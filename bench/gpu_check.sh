@@ -19,10 +19,10 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5 \
 
 # First: do the kernels build on this GPU and match the fp32 references in bf16?
 echo "== GPU test tier (bf16, real shapes)"
-timeout 150 python3 -m pytest -m gpu -x -q tests 2>&1 | tee "$out/pytest-gpu.txt" | tail -n 25 || status=1
+timeout 180 python3 -m pytest -m gpu -x -q tests 2>&1 | tee "$out/pytest-gpu.txt" | tail -n 25 || status=1
 
 echo "== benchmarks (quick); the JSON is rewritten after every section"
-timeout 480 python3 -m bench --quick --json "$out/bench.json" --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
+timeout 420 python3 -m bench --quick --json "$out/bench.json" --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
 
 echo "== summary"
 tail -n 3 "$out/pytest-gpu.txt"
