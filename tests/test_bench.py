@@ -174,3 +174,15 @@ def test_table_rejects_a_row_of_the_wrong_width():
     table = Table("t", ["a", "b"])
     with pytest.raises(ValueError, match="2 columns"):
         table.add(1, 2, 3)
+
+
+def test_plots_are_written_or_skipped_with_a_note(tmp_path):
+    from bench.common import optional, plot_bars, plot_lines
+
+    series = {"fasttrain": [(1024, 100.0), (4096, 300.0)], "sdpa": [(1024, 120.0), (4096, 250.0)]}
+    assert "not written" in plot_lines(Context(out=None), "a.png", "t", "T", "TFLOP/s", series)
+    note = plot_bars(Context(out=str(tmp_path)), "b.png", "t", "tokens/s", {"eager": 1.0, "compiled": 2.0})
+    if optional("matplotlib") is None:
+        assert note == "plot skipped (matplotlib not installed)"
+    else:
+        assert note == f"plot: {tmp_path / 'b.png'}" and (tmp_path / "b.png").stat().st_size > 1000
