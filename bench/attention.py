@@ -47,7 +47,7 @@ def _math_attention(q, k, v, causal):
     return (s.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
 
 
-def _dense_impls(ctx, q, k, v, causal, compiled):
+def _dense_impls(q, k, v, causal, compiled):
     from fasttrain.kernels import flash_attn_func
 
     impls = {"fasttrain": lambda: flash_attn_func(q, k, v, causal=causal)}
@@ -64,6 +64,11 @@ def _dense_impls(ctx, q, k, v, causal, compiled):
 def _inputs(ctx, shape_q, shape_kv):
     return [torch.randn(s, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
             for s in (shape_q, shape_kv, shape_kv)]
+
+
+def _flops(forward: float) -> dict:
+    """FLOPs per pass from the forward's: the backward does 2.5x the forward's matmul work."""
+    return {"forward": forward, "backward": 2.5 * forward, "forward+backward": 3.5 * forward}
 
 
 def _varlen_case(ctx, H, Hkv, D, seed=0):
@@ -90,7 +95,7 @@ def _varlen_case(ctx, H, Hkv, D, seed=0):
         impls[name + " (mask)"] = lambda attend=_sdpa(SDPA_BACKENDS[name]): attend(
             q[None], k[None], v[None], mask=mask)[0]
     useful = sum(L * (L + 1) / 2 for L in lens)  # causal (query, key) pairs inside documents
-    return f"varlen {len(lens)} docs H{H}/{Hkv} D{D}", impls, [q, k, v], 4 * useful * H * D, fa is not None
+    return f"varlen {len(lens)} docs H{H}/{Hkv} D{D}", impls, [q, k, v], 4 * useful * H * D
 
 
 def run(ctx: Context) -> list[Table]:
@@ -99,38 +104,39 @@ def run(ctx: Context) -> list[Table]:
     head_dims = ctx.size((64, 128), (128,), (64,))
     seqlens = ctx.size((1024, 2048, 4096, 8192, 16384), (1024, 4096, 16384), (128, 256))
     # one compile per shape: more shapes than dynamo's default limit of 8 recompiles per function
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     compiled = torch.compile(_math_attention)
-    table = Table(f"Attention: bf16, B x T = {ctx.size(TOKENS, TOKENS, 512)} tokens, width {WIDTH}",
+    tokens = ctx.size(TOKENS, TOKENS, 512)
+    table = Table(f"Attention: bf16, B x T = {tokens} tokens, width {WIDTH}",
                   pass_columns("TFLOP/s"))
     curve = {}  # implementation -> [(T, TFLOP/s forward+backward)] for causal MHA at the largest D
     has_fa = False
     for D in head_dims:
         H = WIDTH // D
         for T in seqlens:
-            B = max(1, ctx.size(TOKENS, TOKENS, 512) // T)
+            B = max(1, tokens // T)
             for causal in ctx.size((False, True), (True,), (True,)):
                 for Hkv in ((H, H // 4) if not ctx.quick or T == 4096 else (H,)):
                     q, k, v = _inputs(ctx, (B, T, H, D), (B, T, Hkv, D))
                     # the compiled reference holds (B, H, T, T) fp32 scores: up to 8k tokens a row;
                     # --quick compiles it for one shape only (each shape costs tens of seconds)
                     with_ref = T <= 8192 and (not ctx.quick or (T == 4096 and Hkv == H))
-                    impls, has_fa = _dense_impls(ctx, q, k, v, causal, compiled if with_ref else None)
+                    impls, has_fa = _dense_impls(q, k, v, causal, compiled if with_ref else None)
                     res = measure_passes(impls, [q, k, v], ctx, reps=ctx.size(20, 8, 3))
                     fwd = 4 * B * H * T * T * D / (2 if causal else 1)
                     case = f"B{B} T{T} H{H}/{Hkv} D{D}{' causal' if causal else ''}"
-                    add_pass_rows(table, ctx, case, res, {"forward": fwd, "backward": 2.5 * fwd,
-                                                          "forward+backward": 3.5 * fwd}, "TFLOP/s")
+                    add_pass_rows(table, ctx, case, res, _flops(fwd), "TFLOP/s")
                     if causal and Hkv == H and D == head_dims[-1]:
                         for name, timing in res["forward+backward"].items():
                             if not isinstance(timing, str):
                                 curve.setdefault(name, []).append((T, 3.5 * fwd / timing.median / 1e12))
                     del q, k, v, impls
                     torch.cuda.empty_cache()
-        case, impls, leaves, fwd, _ = _varlen_case(ctx, H, H // 4, D)
+        case, impls, leaves, fwd = _varlen_case(ctx, H, H // 4, D)
         res = measure_passes(impls, leaves, ctx, reps=ctx.size(20, 8, 3))
-        add_pass_rows(table, ctx, case, res, {"forward": fwd, "backward": 2.5 * fwd, "forward+backward": 3.5 * fwd},
-                      "TFLOP/s")
+        add_pass_rows(table, ctx, case, res, _flops(fwd), "TFLOP/s")
     if not has_fa:
         table.add("all", "", "flash-attn", "not installed", *[None] * (len(table.columns) - 4))
     table.notes += ["sdpa <backend>: torch.nn.attention.sdpa_kernel pins one backend; 'failed' = it "

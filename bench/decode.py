@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Context, Table, measure, ratio
+from bench.common import Context, Table, measure, pct, ratio
 
 
 def _model(ctx: Context, depth: int, vocab_size: int):
@@ -52,7 +52,8 @@ def _table(ctx: Context) -> Table:
     cfg = model.config
     table = Table(f"Decode: depth {cfg.depth}, width {cfg.n_embd}, {model.num_params() / 1e6:.2f}M params, "
                   f"batch 1, {new} new tokens",
-                  ["context", "engine", "prefill ms", "decode tokens/s", "ms/token", "cache speed-up"])
+                  ["context", "engine", "prefill ms", "decode tokens/s", "ms/token", "of matmul peak", "cache speed-up"])
+    flops_per_token = 2 * model.num_params()  # the matmuls of one token's forward (attention left out)
     for n_ctx in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (n_ctx,), generator=torch.Generator().manual_seed(n_ctx)).tolist()
         fns = {}
@@ -69,8 +70,10 @@ def _table(ctx: Context) -> Table:
                 continue
             rates[use_cache] = (new - 1) / max(tn.median - t1.median, 1e-9)
             table.add(n_ctx, "fasttrain KV cache" if use_cache else "recompute (no cache)", t1.ms,
-                      rates[use_cache], 1e3 / rates[use_cache],
+                      rates[use_cache], 1e3 / rates[use_cache], pct(ctx.of_peak(rates[use_cache] * flops_per_token / 1e12)),
                       ratio(rates[True] / rates[use_cache]) if True in rates else None)
     table.notes.append(f"{'bf16 on ' + ctx.device if ctx.cuda else 'fp32, 1 torch thread'}; "
-                       "cache speed-up = decode tokens/s with the cache / this row's")
+                       "cache speed-up = decode tokens/s with the cache / this row's; "
+                       "of matmul peak: useful FLOPs, 2 x parameters per decoded token (recomputing does more), "
+                       "against the peak of all torch threads")
     return table
