@@ -6,8 +6,8 @@ linear_cross_entropy (chunked, the (N, V) logits never whole) against the unfuse
 F.cross_entropy(hidden @ weight.T) eager and under torch.compile, Liger's fused linear
 cross-entropy when installed, and torch's own F.linear_cross_entropy where the installed torch has
 it. FLOPs: forward 2NCV (the logits), backward 4NCV (grad hidden, grad weight). Peak memory: what
-one forward + backward adds at its peak above the inputs (the CUDA allocator on GPU; the process's
-peak RSS on CPU).
+one forward + backward adds at its peak above the inputs (the CUDA allocator on GPU; on CPU the
+peak RSS of a call in a fresh process, bench.common.peak_memory_fresh).
 
 Cross-entropy alone (GPU): fasttrain's cross_entropy against F.cross_entropy eager and compiled,
 and Liger's when installed, in GB/s of logits traffic (forward reads the logits, backward reads

@@ -100,7 +100,11 @@ def run(ctx: Context) -> list[Table]:
                     "same split pattern and vocabulary size; bytes/token on the training corpus"]
 
     # encoding: fasttrain's wrapper against tiktoken on the same ranks, and the others' encoders
-    enc = trained["fasttrain"]._enc
+    import tiktoken
+
+    ours_tok = trained["fasttrain"]
+    enc = tiktoken.Encoding("bench", pat_str=ours_tok.pattern, special_tokens={},
+                            mergeable_ranks={b: i for i, b in enumerate(ours_tok.token_bytes)})
     encode_fns = {"fasttrain (tiktoken inside)": encoders["fasttrain"],
                   "tiktoken encode_ordinary_batch": lambda: enc.encode_ordinary_batch(texts, num_threads=ENCODE_THREADS)}
     for name in ("rustbpe", "hf tokenizers"):
