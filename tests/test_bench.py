@@ -137,14 +137,14 @@ def test_measure_alternates_and_reverses_order():
 
 
 def test_measure_times_and_percentiles():
-    delays = {"short": 0.002, "long": 0.02}
+    delays = {"short": 0.005, "long": 0.05}  # a loaded machine oversleeps by milliseconds
     fns = {name: (lambda d=d: time.sleep(d)) for name, d in delays.items()}
     t = measure(fns, Context(), reps=5, budget_s=100)
     for name, d in delays.items():
         assert t[name].n == 5
-        assert d <= t[name].median < d + 0.05
+        assert d <= t[name].median < d + 0.1
         assert t[name].p20 <= t[name].median <= t[name].p80
-    assert 3 < speedup(t["long"], t["short"]) < 12
+    assert 2 < speedup(t["long"], t["short"]) < 11
 
 
 def test_timing_of_matches_statistics():
