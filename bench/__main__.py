@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     out = args.out or (str(Path(args.json).resolve().parent) if args.json else None if args.tiny else "runs/bench")
     ctx = Context(device=device, quick=args.quick, tiny=args.tiny, out=out)
     meta = stamp(ctx)
+    meta["command"] = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     print(" | ".join(f"{k} {v}" for k, v in meta.items()), flush=True)
 
     t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
 
     report = {"meta": meta, "ceilings": ctx.ceilings, "sections": {}}
     markdown = [f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}, "
-                f"{meta['date']}, `python -m bench{' --quick' if ctx.quick else ''}`; ceilings: matmul "
+                f"{meta['date']}, `{meta['command']}`; ceilings: matmul "
                 f"{ctx.ceilings['matmul TFLOP/s']:.3g} TFLOP/s ({what}), copy {ctx.ceilings['memory GB/s']:.3g} GB/s", ""]
     failed = []
     for name in args.only or SECTIONS:
