@@ -174,7 +174,7 @@ class RLConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer in tokens (and at most --seq-len minus the prompt)", "range": (1, None)})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "range": (0, None), "low_exclusive": True})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0 = all", "range": (0, None)})
-    lr_frac: float = field(default=0.1, metadata={"help": "learning rates as a fraction of --lr, --embedding-lr and --head-lr", "range": (0, 1), "low_exclusive": True})
+    lr_frac: float = field(default=0.2, metadata={"help": "learning rates as a fraction of --lr, --embedding-lr and --head-lr", "range": (0, 1), "low_exclusive": True})
     warmdown_frac: float = field(default=1.0, metadata={"help": "LR decays linearly to 0 over this fraction of the steps (1 = from the start)", "range": (0, 1)})
 
     def __post_init__(self):
@@ -270,7 +270,7 @@ class SpeedrunConfig:
     mid_steps: int = field(default=40, metadata={"help": "mid-training steps (0 = one pass over the mixture)", "range": (0, None)})
     sft_steps: int = field(default=30, metadata={"help": "SFT steps (0 = one epoch)", "range": (0, None)})
     rl: bool = field(default=False, metadata={"help": "add the RL stage after SFT"})
-    rl_steps: int = field(default=60, metadata={"help": "RL steps with --rl (0 = one pass over the prompts)", "range": (0, None)})
+    rl_steps: int = field(default=80, metadata={"help": "RL steps with --rl (0 = one pass over the prompts)", "range": (0, None)})
     seed: int = field(default=1337, metadata={"help": "seed", "range": (0, 2**32 - 1)})
     overwrite: bool = field(default=False, metadata={"help": "if the run folder holds an earlier speedrun, move its stages aside and start again"})
 

@@ -16,6 +16,10 @@ from fasttrain.train import TrainConfig
 
 
 PROMPTS = ["Who are you?", "What is 3 plus 4?", "Spell the word python.", "Hello!"]
+# RL's settings in the speedrun (training flags, RL options): a row is one sampled answer, so rows
+# are short, and a step takes 16 prompts x 8 answers; arithmetic is the task the speedrun's SFT model
+# solves now and then (a task it never solves gives every group the same reward: no signal)
+RL_SETTINGS = ({"seq_len": 64, "batch_tokens": 64 * 128, "micro_batch": 32}, {"tasks": ["arithmetic"], "max_new_tokens": 32})
 
 
 def stage_losses(metrics_path: Path, k: int = 5) -> tuple[float, float]:
@@ -53,8 +57,11 @@ def speedrun(cfg: SpeedrunConfig):
                           batch_tokens=cfg.batch_tokens, micro_batch=cfg.batch_tokens // cfg.seq_len, log_every=10)
             for spec in stages:
                 t0 = time.perf_counter()
-                train_cfg = TrainConfig(max_steps=getattr(cfg, f"{spec.name}_steps"), **common)
-                options = spec.options(depth=cfg.depth) if spec.name == "base" else spec.options()
+                flags, options = RL_SETTINGS if spec.name == "rl" else ({}, {})
+                if spec.name == "base":
+                    options = {"depth": cfg.depth}
+                train_cfg = TrainConfig(max_steps=getattr(cfg, f"{spec.name}_steps"), **{**common, **flags})
+                options = spec.options(**options)
                 run_stage(spec.name, train_cfg, options, info, claimed[spec.name])
                 timings[spec.name] = time.perf_counter() - t0
 
