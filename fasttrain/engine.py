@@ -86,6 +86,8 @@ class Engine:
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, "
                              f"{top_p}, {top_k}")
+        if agree_done is not None and not use_cache:
+            raise ValueError("agree_done needs use_cache=True: the recomputing steps end on their own")
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids = set(self.default_stop_ids() if stop_ids is None else stop_ids)

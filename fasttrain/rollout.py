@@ -55,19 +55,19 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
 
 
-def rollout_rows(samples: list[tuple[list[int], list[int], bool, float]], pad_id: int) -> Batch:
-    """One micro-batch from samples (prompt ids, answer ids, stopped, advantage): row b holds
-    prompt + answer (+ the stop token, appended by the caller into answer when it stopped), the
-    targets predicting the answer's tokens scored with weight = advantage; padded with pad_id to
-    the longest row, padding unscored and a segment of its own."""
-    seqs = [prompt + answer for prompt, answer, _, _ in samples]
+def rollout_rows(samples: list[tuple[list[int], list[int], float]], pad_id: int) -> Batch:
+    """One micro-batch from samples (prompt ids, answer ids, advantage): row b holds prompt +
+    answer (the answer ends with the stop token when it stopped), the targets predicting the
+    answer's tokens scored with weight = advantage; padded with pad_id to the longest row, padding
+    unscored and a segment of its own."""
+    seqs = [prompt + answer for prompt, answer, _ in samples]
     T = max(len(s) for s in seqs) - 1  # a row of T inputs holds T + 1 tokens
     B = len(seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros(B, T)
     seg_lens = []
-    for b, ((prompt, answer, _, advantage), seq) in enumerate(zip(samples, seqs)):
+    for b, ((prompt, _, advantage), seq) in enumerate(zip(samples, seqs)):
         n = len(seq) - 1
         input_ids[b, :n] = torch.tensor(seq[:-1])
         first = len(prompt) - 1  # the input position that predicts the answer's first token
@@ -164,17 +164,17 @@ class RolloutSource:
             group = self._sample_group(problem, epoch, position)
             replies = [self.tokenizer.decode(answer).strip() for answer, _ in group]
             rewards.append([float(is_correct(problem.kind, r, problem.reference)) for r in replies])
-            samples += [(problem.prompt, answer + [self.stop_id] * stopped, stopped) for answer, stopped in group]
+            samples += [(problem.prompt, answer + [self.stop_id] * stopped) for answer, stopped in group]
         sample_s = time.perf_counter() - t0
         rewards = torch.tensor(rewards)  # (prompts on this rank, G)
         advantages = group_advantages(rewards).flatten().tolist()
-        rows = [(p, a, s, adv) for (p, a, s), adv in zip(samples, advantages)]
+        rows = [(p, a, adv) for (p, a), adv in zip(samples, advantages)]
         batches = [rollout_rows(rows[i:i + self.micro_batch_rows], self.tokenizer.bos_id)
                    for i in range(0, len(rows), self.micro_batch_rows)]
 
         # the step's figures over all ranks (one all-reduce): rewards, solved prompts, lengths
         totals = torch.tensor([rewards.sum().item(), rewards.numel(), (rewards.amax(dim=1) > 0).sum().item(),
-                               rewards.size(0), sum(len(a) for _, a, _ in samples),
+                               rewards.size(0), sum(len(a) for _, a in samples),
                                (rewards.std(dim=1) == 0).sum().item(), sum(b.input_ids.numel() for b in batches)],
                               dtype=torch.float64, device=self.info.device)
         reward_sum, n, solved, prompts, answer_tokens, flat, train_tokens = all_reduce_sum(totals).tolist()

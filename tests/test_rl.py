@@ -39,8 +39,8 @@ def test_group_advantages_are_z_scores_within_each_group():
 
 def test_rollout_rows_score_only_the_answers_with_their_advantage():
     pad = 0
-    samples = [([1, 5, 6], [7, 8, 9], True, 0.5),  # prompt, answer (+ stop token 9), stopped, advantage
-               ([1, 5], [4], False, -1.5)]
+    samples = [([1, 5, 6], [7, 8, 9], 0.5),  # prompt, answer (ending with the stop token 9), advantage
+               ([1, 5], [4], -1.5)]
     b = rollout_rows(samples, pad)
     assert b.input_ids.tolist() == [[1, 5, 6, 7, 8], [1, 5, pad, pad, pad]]
     I = IGNORE_INDEX
