@@ -184,6 +184,7 @@ class EvalConfig:
     max_examples: int = field(default=200, metadata={"help": "score at most this many examples per task; 0 = all", "range": (0, None)})
     few_shot: int = field(default=3, metadata={"help": "solved examples of the same task before each question for the base model (plain Q:/A: text)", "range": (0, None)})
     json: str = field(default="", metadata={"help": "also write every figure to this JSON file"})
+    long_context: int = field(default=0, metadata={"help": "also measure long context at this many tokens: loss by position bucket on single held-out documents, and passkey accuracy by length x depth; 0 = off", "range": (0, None)})
 
     def __post_init__(self):
         check_ranges(self)

@@ -164,6 +164,13 @@ def retrieval_conversations(n: int, max_sentences: int, seed: int = 0) -> list[l
     return out
 
 
+def min_passkey_length(tokenizer) -> int:
+    """The shortest `passkey_accuracy` length the needle, question and key fit in (a few tokens
+    spare, since keys tokenise to different lengths)."""
+    needle = tokenizer.encode(" The pass key is 99999. Remember it. 99999 is the pass key.")
+    return 1 + len(needle) + len(tokenizer.encode(QUESTION)) + len(tokenizer.encode(" 99999")) + 4
+
+
 @torch.no_grad()
 def passkey_correct(model, prompt: list[int], answer: list[int]) -> bool:
     """Whether greedy decoding after `prompt` would produce `answer` (the key's tokens).
@@ -220,10 +227,10 @@ def held_out_rows(run: str, seq_len: int, n_rows: int) -> torch.Tensor:
 def evaluate(run: str, stage: str, tokenizer, rows: torch.Tensor, edges: list[int], lengths: list[int],
              depths: list[float], trials: int, device: torch.device = torch.device("cpu")) -> dict:
     """Both measurements of a stage's newest weights, loaded for max(edges[-1], lengths)
-    positions: {"rope": ..., "loss_by_position": [...], "passkey": {length: {depth: acc}}}."""
+    positions: {"rope": ..., "edges": edges, "loss_by_position": [...], "passkey": {length: {depth: acc}}}."""
     model = load_model_for_length(run, stage, max(edges[-1], *lengths), device)
     cfg = model.config
-    return {"rope": {"base": cfg.rope_base, "scaling": cfg.rope_scaling, "factor": cfg.rope_factor},
+    return {"rope": {"base": cfg.rope_base, "scaling": cfg.rope_scaling, "factor": cfg.rope_factor}, "edges": edges,
             "loss_by_position": loss_by_position(model, rows, edges),
             "passkey": passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0)}
 

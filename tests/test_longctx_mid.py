@@ -1,6 +1,7 @@
 """mid --text-fraction: the base corpus mixed into mid's stream (real token shards, the real
 mid plan after a real base run), and the long-context evaluation of the run it leaves."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from fasttrain import longctx
 from fasttrain.config import MidConfig
-from fasttrain.data.corpus import build_corpus, open_shards, split_corpus
+from fasttrain.data.corpus import MANIFEST, build_corpus, open_shards, split_corpus
 from fasttrain.data.tasks import default_mid_mixture
 from fasttrain.errors import ConfigError
 from fasttrain.parallel import DistInfo
@@ -87,16 +88,28 @@ def test_text_fraction_must_be_below_one():
         MidConfig(text_fraction=1.0)
 
 
-def test_mid_plan_mixes_the_base_corpus_and_the_run_evaluates(corpus, tmp_path):
-    """A real base run on the corpus, then mid's plan with --text-fraction: its loader holds the
-    conversations plus the base stage's train text; then both long-context measurements."""
-    run = tmp_path / "run"
-    env_cmd = [sys.executable, "-m", "fasttrain"]
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory):
+    """A run with a tokenizer and a 2-step base stage (rows of 64) trained on the corpus."""
+    run = tmp_path_factory.mktemp("longctx") / "run"
     for args in (["tokenizer", "--data", corpus, "--vocab-size", 300],
                  ["base", "--data", corpus, "--depth", "1", "--aspect-ratio", "32", "--head-dim", "16", "--seq-len",
-                  "32", "--batch-tokens", "256", "--micro-batch", "2", "--max-steps", "2", "--device", "cpu"]):
-        subprocess.run([*env_cmd, *map(str, args), "--run", str(run)], cwd=ROOT, check=True, capture_output=True,
-                       timeout=300)
+                  "64", "--batch-tokens", "256", "--micro-batch", "2", "--max-steps", "2", "--device", "cpu"]):
+        fasttrain(args + ["--run", run])
+    return run
+
+
+def fasttrain(args):
+    proc = subprocess.run([sys.executable, "-m", "fasttrain", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_mid_plan_mixes_the_base_corpus_and_the_run_evaluates(base_run):
+    """mid's plan with --text-fraction after a real base run: its loader holds the conversations
+    plus the base stage's train text; then both long-context measurements of the run."""
+    run = base_run
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     cfg = TrainConfig(run=str(run), seq_len=128, batch_tokens=512, micro_batch=2, device="cpu")
     plain = mid.plan(cfg, MidConfig(mixture_size=50), info)
@@ -113,8 +126,7 @@ def test_mid_plan_mixes_the_base_corpus_and_the_run_evaluates(corpus, tmp_path):
     tok = Tokenizer.load(run / "tokenizer")
     meta = json.loads(next((run / "base" / "checkpoints").glob("*/meta.json")).read_text())
     rows = longctx.held_out_rows(str(run), 64, n_rows=3)
-    val = split_corpus(open_shards(run / "data" / "base", json.loads((run / "data" / "base" / "manifest.json")
-                                                                     .read_text())),
+    val = split_corpus(open_shards(run / "data" / "base", json.loads((run / "data" / "base" / MANIFEST).read_text())),
                        tok.bos_id, "val", meta["base"]["val_tokens"])
     assert rows.shape[1] == 65 and 1 <= rows.size(0) <= 3
     for row in rows.tolist():  # each row is a window of one held-out document
@@ -122,3 +134,14 @@ def test_mid_plan_mixes_the_base_corpus_and_the_run_evaluates(corpus, tmp_path):
     result = longctx.evaluate(str(run), "base", tok, rows, longctx.bucket_edges(16, 64), [128, 160], [0.5], trials=1)
     assert len(result["loss_by_position"]) == 4 and longctx.is_finite(result["loss_by_position"])
     assert set(result["passkey"]) == {128, 160}
+
+
+def test_eval_long_context_flag(base_run, tmp_path):
+    """`eval --long-context 256` adds both measurements of the stage to the table and the JSON."""
+    out = tmp_path / "eval.json"
+    proc = fasttrain(["eval", "--run", base_run, "--tasks", "none", "--long-context", "256", "--json", out,
+                      "--device", "cpu"])
+    assert "loss (nats) by target position" in proc.stdout and "beyond-in" in proc.stdout
+    result = json.loads(out.read_text())["stages"]["base"]["long_context"]
+    assert result["edges"] == longctx.bucket_edges(32, 256) and len(result["loss_by_position"]) == 8
+    assert "256" in result["passkey"] and set(result["passkey"]) <= {"64", "128", "256"}
