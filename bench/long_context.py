@@ -8,8 +8,8 @@ base checkpoint on the same data in one variant each:
     mid-L1      rows of L1 tokens: the unextended control (same data, same steps)
     mid-plain   rows of L2 = 4 * L1, RoPE as in base (positions past L1 extrapolated)
     mid-yarn    rows of L2 + --rope-scaling yarn --rope-factor 4
-    mid-base40k rows of L2 + --rope-base 40000 (4x the default base frequency 10000)
-    mid-ntk     rows of L2 + --rope-scaling ntk --rope-factor 4 (full mode only)
+    mid-base40k rows of L2 + --rope-base 40000 (4x the default base frequency 10000; not --quick)
+    mid-ntk     rows of L2 + --rope-scaling ntk --rope-factor 4 (with --ntk)
 
 Mid's data, the same for every variant: the default conversation mixture, plus generated
 retrieval chats up to about L2 tokens long (a 5-digit "secret number" stated once in filler, asked
@@ -69,20 +69,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a shorter version: fewer steps, rows and keys")
     parser.add_argument("--l1", type=int, default=128, help="base rows (tokens); mid's are 4x")
     parser.add_argument("--depth", type=int, default=3, help="model depth (width 64 x depth)")
-    parser.add_argument("--base-steps", type=int, default=0, help="0 = 300 (--quick: 150)")
-    parser.add_argument("--mid-steps", type=int, default=0, help="0 = 120 (--quick: 60)")
+    parser.add_argument("--base-steps", type=int, default=0, help="0 = 160 (--quick: 80)")
+    parser.add_argument("--mid-steps", type=int, default=0, help="0 = 150 (--quick: 60)")
+    parser.add_argument("--ntk", action="store_true", help="one more variant: --rope-scaling ntk --rope-factor 4")
     parser.add_argument("--text-fraction", type=float, default=0.5, help="mid's --text-fraction")
     args = parser.parse_args()
     out = Path(args.out)
     l1, l2 = args.l1, 4 * args.l1
-    base_steps = args.base_steps or (150 if args.quick else 300)
-    mid_steps = args.mid_steps or (60 if args.quick else 120)
+    base_steps = args.base_steps or (80 if args.quick else 160)
+    mid_steps = args.mid_steps or (60 if args.quick else 150)
     trials = 6 if args.quick else 12
-    batch = 16 * l1  # tokens per step, the same at L1 and L2
+    base_batch, batch = 32 * l1, 16 * l1  # tokens per step; mid's are the same at L1 and L2
     variants = {"mid-L1": (l1, []), "mid-plain": (l2, []),
-                "mid-yarn": (l2, ["--rope-scaling", "yarn", "--rope-factor", "4"]),
-                "mid-base40k": (l2, ["--rope-base", str(ROPE_BASE)])}
+                "mid-yarn": (l2, ["--rope-scaling", "yarn", "--rope-factor", "4"])}
     if not args.quick:
+        variants["mid-base40k"] = (l2, ["--rope-base", str(ROPE_BASE)])
+    if args.ntk:
         variants["mid-ntk"] = (l2, ["--rope-scaling", "ntk", "--rope-factor", "4"])
     t0 = time.perf_counter()
 
@@ -91,7 +93,7 @@ def main():
     if out.exists():
         shutil.rmtree(out)
     cli("tokenizer", "--run", str(root), "--max-mb", "8")
-    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1), "--batch-tokens", str(batch),
+    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1), "--batch-tokens", str(base_batch),
         "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
     tokenizer = load_tokenizer(str(root))
     mid_data = out / "mid_data.jsonl"
@@ -104,7 +106,7 @@ def main():
         for part in ("tokenizer", "data", "base"):
             shutil.copytree(root / part, run / part)
         cli("mid", "--run", str(run), "--data", str(mid_data), "--text-fraction", str(args.text_fraction),
-            "--seq-len", str(seq_len), "--batch-tokens", str(batch), "--max-steps", str(mid_steps),
+            "--seq-len", str(seq_len), "--batch-tokens", str(batch), "--micro-batch", "4", "--max-steps", str(mid_steps),
             "--log-every", "50", "--device", "cpu", *flags)
     t_train = time.perf_counter() - t0
 
@@ -120,11 +122,11 @@ def main():
     t_eval = time.perf_counter() - t0 - t_train
 
     print(f"\nL1 = {l1}, L2 = {l2}; depth {args.depth}; base {base_steps} steps, mid {mid_steps} steps per variant, "
-          f"{batch} tokens per step; {rows.size(0)} held-out rows of {l2}; passkey {trials} keys x 3 depths per length")
+          f"{base_batch} / {batch} tokens per base / mid step; {rows.size(0)} held-out rows of {l2}; passkey {trials} keys x 3 depths per length")
     print(longctx.format_table(results, edges, trained_len=l1))
     print(f"\nbase {t_base:.0f}s, mid {t_train - t_base:.0f}s, eval {t_eval:.0f}s")
     results["_meta"] = {"l1": l1, "l2": l2, "depth": args.depth, "base_steps": base_steps, "mid_steps": mid_steps,
-                        "batch_tokens": batch, "text_fraction": args.text_fraction, "edges": edges,
+                        "base_batch_tokens": base_batch, "mid_batch_tokens": batch, "text_fraction": args.text_fraction, "edges": edges,
                         "rows": rows.size(0), "trials": trials, "base_s": t_base, "train_s": t_train, "eval_s": t_eval}
     longctx.write_json(results, out / "long_context.json")
     print(longctx.draw_heatmaps({k: v for k, v in results.items() if k != "_meta"}, out / "long_context.png"))

@@ -144,3 +144,16 @@ def test_end_to_end_on_random_tiny_model(tokenizer, capsys):
     print(table)
     assert "beyond-in" in table
     assert "0-16" in capsys.readouterr().out and "passkey" in table
+
+
+def test_heatmap_without_and_with_matplotlib(tmp_path, monkeypatch):
+    results = {"a": {"passkey": {64: {0.1: 0.0, 0.9: 1.0}, 128: {0.1: 0.5, 0.9: 0.25}}},
+               "b": {"passkey": {64: {0.1: 1.0, 0.9: 1.0}, 128: {0.1: 0.0, 0.9: 0.0}}}}
+    path = tmp_path / "heat.png"
+    with monkeypatch.context() as m:
+        m.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+        assert longctx.draw_heatmaps(results, path) == "matplotlib is not installed: no heat-map drawn"
+    assert not path.exists()
+    pytest.importorskip("matplotlib")
+    assert longctx.draw_heatmaps(results, path) == f"heat-map written to {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
