@@ -241,11 +241,12 @@ def evaluate(run: str, stage: str, tokenizer, rows: torch.Tensor, edges: list[in
 
 def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 0) -> str:
     """results: {model name: {"loss_by_position": [...], "passkey": {length: {depth: acc}}}}.
-    With trained_len, two more columns: the mean bucket loss beyond it minus the mean within it
-    (< 0: the extra context helps; > 0: the model degrades past the length it was trained at)."""
+    With trained_len, three more columns: the mean bucket loss within it, beyond it, and beyond
+    minus within (< 0: the extra context helps; > 0: the model degrades past the length it was
+    trained at)."""
     names = list(results)
     heads = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
-    extra = f"{'<' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
+    extra = f"{'<' + str(trained_len):>9}{'>=' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
     lines = ["loss (nats) by target position", f"{'model':<14}" + "".join(f"{h:>10}" for h in heads) + extra]
     for name in names:
         loss = results[name]["loss_by_position"]
@@ -255,7 +256,8 @@ def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 
             beyond = [v for v, a in zip(loss, edges[:-1]) if a >= trained_len]
             if inside and beyond:
                 within = sum(inside) / len(inside)
-                line += f"{within:>9.3f}{sum(beyond) / len(beyond) - within:>+10.3f}"
+                past = sum(beyond) / len(beyond)
+                line += f"{within:>9.3f}{past:>9.3f}{past - within:>+10.3f}"
         lines.append(line)
     first = results[names[0]].get("passkey")
     if first:
@@ -285,7 +287,7 @@ def draw_heatmaps(results: dict[str, dict], path: Path) -> str:
         grid = [[pk[n][d] for n in lengths] for d in depths]  # (depths, lengths)
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")
