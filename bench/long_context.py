@@ -93,8 +93,8 @@ def main():
     if out.exists():
         shutil.rmtree(out)
     cli("tokenizer", "--run", str(root), "--max-mb", "8")
-    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1), "--batch-tokens", str(base_batch),
-        "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
+    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1),
+        "--batch-tokens", str(base_batch), "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
     tokenizer = load_tokenizer(str(root))
     mid_data = out / "mid_data.jsonl"
     write_mid_data(mid_data, tokenizer, l2, mixture_size=2000, n_retrieval=4000)
@@ -106,8 +106,8 @@ def main():
         for part in ("tokenizer", "data", "base"):
             shutil.copytree(root / part, run / part)
         cli("mid", "--run", str(run), "--data", str(mid_data), "--text-fraction", str(args.text_fraction),
-            "--seq-len", str(seq_len), "--batch-tokens", str(batch), "--micro-batch", "4", "--max-steps", str(mid_steps),
-            "--log-every", "50", "--device", "cpu", *flags)
+            "--seq-len", str(seq_len), "--batch-tokens", str(batch), "--micro-batch", "4",
+            "--max-steps", str(mid_steps), "--log-every", "50", "--device", "cpu", *flags)
     t_train = time.perf_counter() - t0
 
     # 3. evaluate every model at L2 on the same held-out rows and passkey prompts
@@ -122,12 +122,14 @@ def main():
     t_eval = time.perf_counter() - t0 - t_train
 
     print(f"\nL1 = {l1}, L2 = {l2}; depth {args.depth}; base {base_steps} steps, mid {mid_steps} steps per variant, "
-          f"{base_batch} / {batch} tokens per base / mid step; {rows.size(0)} held-out rows of {l2}; passkey {trials} keys x 3 depths per length")
+          f"{base_batch} / {batch} tokens per base / mid step; {rows.size(0)} held-out rows of {l2}; "
+          f"passkey {trials} keys x 3 depths per length")
     print(longctx.format_table(results, edges, trained_len=l1))
     print(f"\nbase {t_base:.0f}s, mid {t_train - t_base:.0f}s, eval {t_eval:.0f}s")
     results["_meta"] = {"l1": l1, "l2": l2, "depth": args.depth, "base_steps": base_steps, "mid_steps": mid_steps,
-                        "base_batch_tokens": base_batch, "mid_batch_tokens": batch, "text_fraction": args.text_fraction, "edges": edges,
-                        "rows": rows.size(0), "trials": trials, "base_s": t_base, "train_s": t_train, "eval_s": t_eval}
+                        "base_batch_tokens": base_batch, "mid_batch_tokens": batch,
+                        "text_fraction": args.text_fraction, "edges": edges, "rows": rows.size(0), "trials": trials,
+                        "base_s": t_base, "train_s": t_train, "eval_s": t_eval}
     longctx.write_json(results, out / "long_context.json")
     print(longctx.draw_heatmaps({k: v for k, v in results.items() if k != "_meta"}, out / "long_context.png"))
 

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
 from fasttrain.model import GPT, ModelConfig
+from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
+from fasttrain.stages.common import corpus_documents, load_tokenizer
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is"
@@ -211,9 +213,6 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
 def held_out_rows(run: str, seq_len: int, n_rows: int) -> torch.Tensor:
     """`long_rows` of the run's held-out base text: the val split the base stage set aside (its
     corpus and --val-tokens, read from its checkpoint)."""
-    from fasttrain.parallel import DistInfo
-    from fasttrain.stages.common import corpus_documents, load_tokenizer
-
     ckpt = newest_checkpoint(stage_dir(run, "base"))
     if ckpt is None:
         raise FileNotFoundError(f"no base checkpoint in {run}: the held-out text is the base stage's")

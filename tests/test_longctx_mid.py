@@ -130,7 +130,8 @@ def test_mid_plan_mixes_the_base_corpus_and_the_run_evaluates(base_run):
                        tok.bos_id, "val", meta["base"]["val_tokens"])
     assert rows.shape[1] == 65 and 1 <= rows.size(0) <= 3
     for row in rows.tolist():  # each row is a window of one held-out document
-        assert any(row == list(map(int, val[i][k:k + 65])) for i in range(len(val)) for k in range(0, len(val[i]) - 64, 65))
+        windows = [list(map(int, val[i][k:k + 65])) for i in range(len(val)) for k in range(0, len(val[i]) - 64, 65)]
+        assert row in windows
     result = longctx.evaluate(str(run), "base", tok, rows, longctx.bucket_edges(16, 64), [128, 160], [0.5], trials=1)
     assert len(result["loss_by_position"]) == 4 and longctx.is_finite(result["loss_by_position"])
     assert set(result["passkey"]) == {128, 160}
