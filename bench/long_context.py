@@ -2,28 +2,32 @@
 
     PYTHONPATH=. python bench/long_context.py [--quick] [--out runs/longctx]
 
-Trains a tokenizer and a tiny base model at L1 tokens per row, then mid-trains copies of that
-base checkpoint at L2 = 4 * L1 in one variant each:
+Trains a tokenizer and a small base model at L1 tokens per row, then mid-trains copies of that
+base checkpoint on the same data in one variant each:
 
-    mid-plain   rows lengthened only (RoPE as in base: extrapolated positions)
-    mid-yarn    + --rope-scaling yarn --rope-factor 4
-    mid-base40k + --rope-base 40000 (4x the default base 10000)
-    mid-ntk     + --rope-scaling ntk --rope-factor 4 (full mode only)
+    mid-L1      rows of L1 tokens: the unextended control (same data, same steps)
+    mid-plain   rows of L2 = 4 * L1, RoPE as in base (positions past L1 extrapolated)
+    mid-yarn    rows of L2 + --rope-scaling yarn --rope-factor 4
+    mid-base40k rows of L2 + --rope-base 40000 (4x the default base frequency 10000; not --quick)
+    mid-ntk     rows of L2 + --rope-scaling ntk --rope-factor 4 (with --ntk)
 
-and evaluates the base model and every variant at L2: loss by position bucket (L1/2 wide) on
-held-out text rows, and passkey accuracy by context length x needle depth. Prints the table and
-writes <out>/long_context.json and <out>/long_context.png. Every stage runs through the real CLI
-(`python -m fasttrain ...` in a subprocess), one run folder per variant.
+Mid's data, the same for every variant: the default conversation mixture, plus generated
+retrieval chats up to about L2 tokens long (a 5-digit "secret number" stated once in filler, asked
+for at the end; `fasttrain.longctx.retrieval_conversations`), written to one JSONL file, plus
+--text-fraction of long base-corpus documents, which rows of L2 tokens keep whole. The passkey
+test uses other filler, other words ("pass key") and plain text instead of a chat, so it tests the
+skill rather than the training prompts.
 
-Caveat the numbers carry: mid trains on the default generated task mixture, whose conversations
-are short (under 64 tokens here) and packed with document masking, so a longer mid row never
-trains attention over more than one short conversation; only the RoPE change can move
-long-range behaviour. And mid on that mixture alone moves the model off prose, so its held-out
-text loss is higher everywhere: compare each model's loss beyond L1 with its own loss within L1.
+Every model (base and each variant) is scored at L2: loss by position bucket (L1/2 wide) on rows
+cut from single held-out documents, and passkey accuracy by context length x needle depth.
+Prints the table and writes <out>/long_context.json and <out>/long_context.png (with matplotlib).
+Every stage runs through the real CLI (`python -m fasttrain ...` in a subprocess), one run folder
+per variant.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -34,13 +38,12 @@ from pathlib import Path
 import torch
 
 from fasttrain import longctx
-from fasttrain.checkpoint import newest_checkpoint, read_meta
-from fasttrain.parallel import DistInfo
-from fasttrain.rundir import stage_dir
-from fasttrain.stages.common import corpus_documents, load_tokenizer
+from fasttrain.data.tasks import default_mid_mixture
+from fasttrain.stages.common import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ROPE_BASE = 40000.0  # 4x the default base of 10000, matching the 4x longer rows
+SEED = 1337  # the CLI's default --seed: the mixture file holds the mixture mid would generate
 
 
 def cli(*args: str):
@@ -51,19 +54,38 @@ def cli(*args: str):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
+def write_mid_data(path: Path, tokenizer, l2: int, mixture_size: int, n_retrieval: int):
+    """The default mid mixture plus retrieval chats whose user message fills up to ~L2 tokens."""
+    per_sentence = max(len(tokenizer.encode(" " + s + ".")) for s in longctx.TRAIN_FILLER)
+    max_sentences = max(1, (l2 - 40) // per_sentence)  # 40: the question, answer and chat tokens
+    chats = (default_mid_mixture(seed=SEED, size=mixture_size).conversations()
+             + longctx.retrieval_conversations(n_retrieval, max_sentences, seed=SEED))
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/longctx", help="folder for the run folders and results")
-    parser.add_argument("--quick", action="store_true", help="a ~5 minute version: fewer steps, rows and keys")
-    parser.add_argument("--l1", type=int, default=128, help="base rows (tokens)")
+    parser.add_argument("--quick", action="store_true", help="a shorter version: fewer steps, rows and keys")
+    parser.add_argument("--l1", type=int, default=128, help="base rows (tokens); mid's are 4x")
+    parser.add_argument("--depth", type=int, default=3, help="model depth (width 64 x depth)")
+    parser.add_argument("--base-steps", type=int, default=0, help="0 = 160 (--quick: 80)")
+    parser.add_argument("--mid-steps", type=int, default=0, help="0 = 150 (--quick: 60)")
+    parser.add_argument("--ntk", action="store_true", help="one more variant: --rope-scaling ntk --rope-factor 4")
+    parser.add_argument("--text-fraction", type=float, default=0.5, help="mid's --text-fraction")
     args = parser.parse_args()
     out = Path(args.out)
     l1, l2 = args.l1, 4 * args.l1
-    base_steps, mid_steps, trials = (60, 20, 4) if args.quick else (200, 60, 10)
-    variants = {"mid-plain": [], "mid-yarn": ["--rope-scaling", "yarn", "--rope-factor", "4"],
-                "mid-base40k": ["--rope-base", str(ROPE_BASE)]}
+    base_steps = args.base_steps or (80 if args.quick else 160)
+    mid_steps = args.mid_steps or (60 if args.quick else 150)
+    trials = 6 if args.quick else 12
+    base_batch, batch = 32 * l1, 16 * l1  # tokens per step; mid's are the same at L1 and L2
+    variants = {"mid-L1": (l1, []), "mid-plain": (l2, []),
+                "mid-yarn": (l2, ["--rope-scaling", "yarn", "--rope-factor", "4"])}
     if not args.quick:
-        variants["mid-ntk"] = ["--rope-scaling", "ntk", "--rope-factor", "4"]
+        variants["mid-base40k"] = (l2, ["--rope-base", str(ROPE_BASE)])
+    if args.ntk:
+        variants["mid-ntk"] = (l2, ["--rope-scaling", "ntk", "--rope-factor", "4"])
     t0 = time.perf_counter()
 
     # 1. tokenizer + base at L1, once
@@ -71,46 +93,43 @@ def main():
     if out.exists():
         shutil.rmtree(out)
     cli("tokenizer", "--run", str(root), "--max-mb", "8")
-    cli("base", "--run", str(root), "--depth", "2", "--seq-len", str(l1), "--batch-tokens", "4096",
-        "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
+    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1),
+        "--batch-tokens", str(base_batch), "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
+    tokenizer = load_tokenizer(str(root))
+    mid_data = out / "mid_data.jsonl"
+    write_mid_data(mid_data, tokenizer, l2, mixture_size=2000, n_retrieval=4000)
+    t_base = time.perf_counter() - t0
 
     # 2. one mid run per variant, each in a fresh run folder holding copies of the base run
-    for name, flags in variants.items():
+    for name, (seq_len, flags) in variants.items():
         run = out / name
         for part in ("tokenizer", "data", "base"):
             shutil.copytree(root / part, run / part)
-        cli("mid", "--run", str(run), "--seq-len", str(l2), "--batch-tokens", str(8 * l2),
-            "--max-steps", str(mid_steps), "--mixture-size", "2000", "--log-every", "50", "--device", "cpu", *flags)
+        cli("mid", "--run", str(run), "--data", str(mid_data), "--text-fraction", str(args.text_fraction),
+            "--seq-len", str(seq_len), "--batch-tokens", str(batch), "--micro-batch", "4",
+            "--max-steps", str(mid_steps), "--log-every", "50", "--device", "cpu", *flags)
     t_train = time.perf_counter() - t0
 
     # 3. evaluate every model at L2 on the same held-out rows and passkey prompts
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    device = torch.device("cpu")
-    tokenizer = load_tokenizer(str(root))
-    val_tokens = int(read_meta(newest_checkpoint(stage_dir(str(root), "base"))).get("base", {}).get("val_tokens", 0))
-    docs = corpus_documents([], tokenizer, root / "data" / "base", DistInfo(rank=0, world_size=1, local_rank=0, device=device), split="val",
-                            val_tokens=val_tokens)
-    rows = longctx.long_rows(docs, l2, n_rows=8 if args.quick else 24)
     edges = longctx.bucket_edges(l1 // 2, l2)
-    lengths, depths = [l1 // 2, l1, 2 * l1, l2], [0.1, 0.5, 0.9]
     models = {"base": (root, "base")} | {name: (out / name, "mid") for name in variants}
-    results = {}
-    for name, (run, stage) in models.items():
-        model = longctx.load_model_for_length(str(run), stage, l2, device)
-        cfg = model.config
-        results[name] = {
-            "rope": {"base": cfg.rope_base, "scaling": cfg.rope_scaling, "factor": cfg.rope_factor},
-            "loss_by_position": longctx.loss_by_position(model, rows, edges),
-            "passkey": longctx.passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0)}
+    rows = longctx.held_out_rows(str(root), l2, n_rows=12 if args.quick else 32)
+    results = {name: longctx.evaluate(str(run), stage, tokenizer, rows, edges, [l1 // 2, l1, 2 * l1, l2],
+                                      [0.1, 0.5, 0.9], trials)
+               for name, (run, stage) in models.items()}
     t_eval = time.perf_counter() - t0 - t_train
 
-    print(f"\nL1 = {l1}, L2 = {l2}; base {base_steps} steps, mid {mid_steps} steps per variant; "
-          f"{rows.size(0)} held-out rows of {l2}; passkey {trials} keys x {len(depths)} depths per length")
+    print(f"\nL1 = {l1}, L2 = {l2}; depth {args.depth}; base {base_steps} steps, mid {mid_steps} steps per variant, "
+          f"{base_batch} / {batch} tokens per base / mid step; {rows.size(0)} held-out rows of {l2}; "
+          f"passkey {trials} keys x 3 depths per length")
     print(longctx.format_table(results, edges, trained_len=l1))
-    print(f"\ntrain {t_train:.0f}s, eval {t_eval:.0f}s")
-    results["_meta"] = {"l1": l1, "l2": l2, "base_steps": base_steps, "mid_steps": mid_steps, "edges": edges,
-                        "rows": rows.size(0), "trials": trials, "train_s": t_train, "eval_s": t_eval}
+    print(f"\nbase {t_base:.0f}s, mid {t_train - t_base:.0f}s, eval {t_eval:.0f}s")
+    results["_meta"] = {"l1": l1, "l2": l2, "depth": args.depth, "base_steps": base_steps, "mid_steps": mid_steps,
+                        "base_batch_tokens": base_batch, "mid_batch_tokens": batch,
+                        "text_fraction": args.text_fraction, "edges": edges, "rows": rows.size(0), "trials": trials,
+                        "base_s": t_base, "train_s": t_train, "eval_s": t_eval}
     longctx.write_json(results, out / "long_context.json")
     print(longctx.draw_heatmaps({k: v for k, v in results.items() if k != "_meta"}, out / "long_context.png"))
 

@@ -140,9 +140,12 @@ class MidConfig:
     rope_base: float = field(default=0.0, metadata={"help": "new RoPE base frequency for context extension; 0 keeps the base model's", "range": (0, None)})
     rope_scaling: str = field(default="", metadata={"help": "new RoPE scaling (none, linear, ntk, yarn, llama3); empty keeps the base model's"})
     rope_factor: float = field(default=0.0, metadata={"help": "context extension factor (>= 1) for --rope-scaling; 0 keeps the base model's", "range": (0, None)})
+    text_fraction: float = field(default=0.0, metadata={"help": "mix the base corpus (its train split) into mid's stream as this fraction of its tokens: long documents give long-range context (for context extension) and keep the model on the base text; 0 = conversations only", "range": (0, 1)})
 
     def __post_init__(self):
         check_ranges(self)
+        if self.text_fraction >= 1:
+            raise ConfigError(f"--text-fraction must be below 1 (mid keeps its conversations), got {self.text_fraction}")
         if 0 < self.rope_factor < 1:
             raise ConfigError(f"--rope-factor must be 0 (keep the base model's) or >= 1 (the new context over the "
                               f"old), got {self.rope_factor}")
@@ -225,6 +228,7 @@ class EvalConfig:
     samples: int = field(default=0, metadata={"help": "also sample k answers per problem at --temperature and report pass@1 and pass@k; 0 = greedy only", "range": (0, None)})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for --samples", "range": (0, None), "low_exclusive": True})
     json: str = field(default="", metadata={"help": "also write every figure to this JSON file"})
+    long_context: int = field(default=0, metadata={"help": "also measure long context at this many tokens: loss by position bucket on single held-out documents, and passkey accuracy by length x depth; 0 = off", "range": (0, None)})
 
     def __post_init__(self):
         check_ranges(self)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fasttrain import longctx
 from fasttrain.checkpoint import newest_checkpoint, read_meta
 from fasttrain.config import EVAL_TASKS, STAGES, EvalConfig
 from fasttrain.data import tasks as generated
@@ -382,17 +383,46 @@ def evaluate_run(cfg: EvalConfig, info: DistInfo) -> dict:
             stage_result["tasks"].update(evaluate_task(model, tokenizer, task, chat=name != "base",
                                                        few_shot=cfg.few_shot, samples=cfg.samples,
                                                        temperature=cfg.temperature))
-        results[name] = stage_result
         del model
+        if cfg.long_context:
+            stage_result["long_context"] = long_context(cfg, tokenizer, val_docs, name, info.device)
+        results[name] = stage_result
     out = {"run": str(cfg.run), "stages": results}
     if info.is_main:
         table = stage_table(results)
+        if cfg.long_context:
+            table += "\n\n" + long_context_table(cfg.run, results)
         print(table, flush=True)
         if cfg.json:
             with file_system(f"cannot write {cfg.json}"):
                 Path(cfg.json).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
         write_report(cfg.run, table)
     return out
+
+
+def long_context(cfg: EvalConfig, tokenizer, val_docs, stage: str, device: torch.device) -> dict:
+    """`fasttrain.longctx` at --long-context L: loss in buckets of L/8 positions on up to 16 rows
+    of single held-out documents, passkey accuracy at L/4, L/2 and L (those the prompt fits in)
+    x 3 depths x 10 keys."""
+    n = cfg.long_context
+    lengths = [k for k in (n // 4, n // 2, n) if k >= longctx.min_passkey_length(tokenizer)]
+    if not lengths:
+        raise ConfigError(f"--long-context {n} is too short for a passkey prompt of this tokenizer "
+                          f"({longctx.min_passkey_length(tokenizer)} tokens); give a longer one")
+    try:
+        rows = longctx.long_rows(val_docs, n, n_rows=16)
+    except ValueError as e:
+        raise ConfigError(f"--long-context {n}: {e}") from None
+    return longctx.evaluate(cfg.run, stage, tokenizer, rows, longctx.bucket_edges(max(1, n // 8), n),
+                            lengths, [0.1, 0.5, 0.9], trials=10, device=device)
+
+
+def long_context_table(run: str, results: dict) -> str:
+    """The long-context figures of every stage, with the base stage's row length as L1."""
+    base = newest_checkpoint(stage_dir(run, "base"))
+    trained = read_meta(base)["model_config"]["max_seq_len"] if base else 0
+    per_stage = {name: r["long_context"] for name, r in results.items()}
+    return longctx.format_table(per_stage, next(iter(per_stage.values()))["edges"], trained_len=trained)
 
 
 # --- the table and the report ----------------------------------------------------------------

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from fasttrain.checkpoint import load_model_weights, newest_checkpoint, read_meta
 from fasttrain.model import GPT, ModelConfig
+from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir
+from fasttrain.stages.common import corpus_documents, load_tokenizer
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is"
@@ -64,26 +66,24 @@ def bucket_edges(step: int, length: int) -> list[int]:
 
 
 def long_rows(docs, seq_len: int, n_rows: int) -> torch.Tensor:
-    """(n_rows, seq_len + 1) int64: held-out documents concatenated end to end (each keeps its
-    leading BOS) and cut into rows, with no document masking.
+    """(n, seq_len + 1) int64, n <= n_rows: windows of seq_len + 1 tokens, each from ONE held-out
+    document, so the target at position p is predicted from p + 1 tokens of its own document.
 
-    Each row is ONE causal segment: the target at position p is predicted from all p + 1 tokens
-    before it, across document boundaries. That is what "p tokens of context" means for this
-    measurement; with document masking (as training packs) a position would only see the tokens
-    of its own, usually short, document, and the curve would say nothing about long context."""
-    need = n_rows * (seq_len + 1)
-    stream, have = [], 0
-    for i in range(len(docs)):
-        doc = torch.tensor(docs[i], dtype=torch.int64)  # a copy: the shards are read-only memory maps
-        stream.append(doc)
-        have += doc.numel()
-        if have >= need:
-            break
-    if have < need:
-        n_rows = have // (seq_len + 1)
-        if n_rows == 0:
-            raise ValueError(f"held-out text has {have} tokens, fewer than one row of {seq_len + 1}")
-    return torch.cat(stream)[: n_rows * (seq_len + 1)].view(n_rows, seq_len + 1)
+    The windows are consecutive and non-overlapping within a document; the first window of every
+    document long enough is taken first, then the second ones, and so on, so the rows spread over
+    as many documents as there are. Rows never span two documents: a position after a document
+    boundary would see unrelated text, and the curve would say little about long context."""
+    T = seq_len + 1
+    lengths = [len(docs[i]) for i in range(len(docs))]
+    rows = []
+    for k in range(max(lengths, default=0) // T):
+        for i, n in enumerate(lengths):
+            if len(rows) < n_rows and n >= (k + 1) * T:
+                rows.append(torch.tensor(docs[i][k * T:(k + 1) * T], dtype=torch.int64))  # a copy of the memory map
+    if not rows:
+        raise ValueError(f"no held-out document has {T} tokens (the longest has {max(lengths, default=0)}); "
+                         f"hold out more text or evaluate at a shorter length")
+    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -139,6 +139,40 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list
     return ids, answer, 1 + at
 
 
+# Training data for retrieval: the same skill as the passkey test (find a number stated once in
+# long filler, repeat it), in other words and another format, so that the test never shows a
+# model its own prompts. Filler sentences share no sentence with FILLER, and the phrasing is
+# "secret number" in a chat, not "pass key" in plain text.
+TRAIN_FILLER = ("A cat sleeps on the warm mat", "Rain falls on the old hills", "The river runs past the mill",
+                "Birds sing in the tall trees", "A boat drifts across the lake", "The road bends near the farm",
+                "Snow covers the quiet town", "A lamp glows in the window", "The wind moves the dry leaves",
+                "Bread bakes in the stone oven", "A bell rings at noon", "The clock ticks on the wall")
+
+
+def retrieval_conversations(n: int, max_sentences: int, seed: int = 0) -> list[list[dict]]:
+    """n chats: the user message is 1..max_sentences random filler sentences with "The secret
+    number is <5 digits>." at a uniformly random sentence boundary, then "What is the secret
+    number?"; the assistant answers "The secret number is <the number>."."""
+    if n < 0 or max_sentences < 1:
+        raise ValueError(f"need n >= 0 and max_sentences >= 1, got n={n}, max_sentences={max_sentences}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        sentences = [rng.choice(TRAIN_FILLER) + "." for _ in range(rng.randint(1, max_sentences))]
+        key = str(rng.randint(10000, 99999))
+        sentences.insert(rng.randint(0, len(sentences)), f"The secret number is {key}.")
+        out.append([{"role": "user", "content": " ".join(sentences) + " What is the secret number?"},
+                    {"role": "assistant", "content": f"The secret number is {key}."}])
+    return out
+
+
+def min_passkey_length(tokenizer) -> int:
+    """The shortest `passkey_accuracy` length the needle, question and key fit in (a few tokens
+    spare, since keys tokenise to different lengths)."""
+    needle = tokenizer.encode(" The pass key is 99999. Remember it. 99999 is the pass key.")
+    return 1 + len(needle) + len(tokenizer.encode(QUESTION)) + len(tokenizer.encode(" 99999")) + 4
+
+
 @torch.no_grad()
 def passkey_correct(model, prompt: list[int], answer: list[int]) -> bool:
     """Whether greedy decoding after `prompt` would produce `answer` (the key's tokens).
@@ -173,16 +207,45 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
 
 
 # ---------------------------------------------------------------------------------------------
+# one stage, both measurements
+
+
+def held_out_rows(run: str, seq_len: int, n_rows: int) -> torch.Tensor:
+    """`long_rows` of the run's held-out base text: the val split the base stage set aside (its
+    corpus and --val-tokens, read from its checkpoint)."""
+    ckpt = newest_checkpoint(stage_dir(run, "base"))
+    if ckpt is None:
+        raise FileNotFoundError(f"no base checkpoint in {run}: the held-out text is the base stage's")
+    meta = read_meta(ckpt)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    docs = corpus_documents(meta["config"]["data"], load_tokenizer(run), Path(run) / "data" / "base", info,
+                            split="val", val_tokens=meta.get("base", {}).get("val_tokens", 0))
+    return long_rows(docs, seq_len, n_rows)
+
+
+def evaluate(run: str, stage: str, tokenizer, rows: torch.Tensor, edges: list[int], lengths: list[int],
+             depths: list[float], trials: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Both measurements of a stage's newest weights, loaded for max(edges[-1], lengths)
+    positions: {"rope": ..., "edges": edges, "loss_by_position": [...], "passkey": {length: {depth: acc}}}."""
+    model = load_model_for_length(run, stage, max(edges[-1], *lengths), device)
+    cfg = model.config
+    return {"rope": {"base": cfg.rope_base, "scaling": cfg.rope_scaling, "factor": cfg.rope_factor}, "edges": edges,
+            "loss_by_position": loss_by_position(model, rows, edges),
+            "passkey": passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0)}
+
+
+# ---------------------------------------------------------------------------------------------
 # reporting
 
 
 def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 0) -> str:
     """results: {model name: {"loss_by_position": [...], "passkey": {length: {depth: acc}}}}.
-    With trained_len, two more columns: the mean bucket loss beyond it minus the mean within it
-    (< 0: the extra context helps; > 0: the model degrades past the length it was trained at)."""
+    With trained_len, three more columns: the mean bucket loss within it, beyond it, and beyond
+    minus within (< 0: the extra context helps; > 0: the model degrades past the length it was
+    trained at)."""
     names = list(results)
     heads = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
-    extra = f"{'<' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
+    extra = f"{'<' + str(trained_len):>9}{'>=' + str(trained_len):>9}{'beyond-in':>10}" if trained_len else ""
     lines = ["loss (nats) by target position", f"{'model':<14}" + "".join(f"{h:>10}" for h in heads) + extra]
     for name in names:
         loss = results[name]["loss_by_position"]
@@ -192,7 +255,8 @@ def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 
             beyond = [v for v, a in zip(loss, edges[:-1]) if a >= trained_len]
             if inside and beyond:
                 within = sum(inside) / len(inside)
-                line += f"{within:>9.3f}{sum(beyond) / len(beyond) - within:>+10.3f}"
+                past = sum(beyond) / len(beyond)
+                line += f"{within:>9.3f}{past:>9.3f}{past - within:>+10.3f}"
         lines.append(line)
     first = results[names[0]].get("passkey")
     if first:
@@ -222,7 +286,7 @@ def draw_heatmaps(results: dict[str, dict], path: Path) -> str:
         grid = [[pk[n][d] for n in lengths] for d in depths]  # (depths, lengths)
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")

@@ -60,11 +60,34 @@ def test_bucket_edges():
         longctx.bucket_edges(0, 10)
 
 
-def test_long_rows_concatenate_documents_without_masking():
-    docs = [[1, 2, 3], [1, 4, 5, 6, 7], [1, 8], [1, 9, 10, 11]]
-    rows = longctx.long_rows(docs, seq_len=4, n_rows=2)
-    assert rows.tolist() == [[1, 2, 3, 1, 4], [5, 6, 7, 1, 8]]
-    assert longctx.long_rows(docs, seq_len=4, n_rows=9).shape == (2, 5)  # as many as the text holds
+def test_long_rows_come_from_single_documents():
+    docs = [[1, 2, 3], [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 14], [1, 15, 16, 17, 18, 19]]
+    rows = longctx.long_rows(docs, seq_len=4, n_rows=9)
+    # first windows of every document of >= 5 tokens, then the second windows; nothing spans two
+    assert rows.tolist() == [[1, 4, 5, 6, 7], [1, 15, 16, 17, 18], [8, 9, 10, 11, 12]]
+    assert longctx.long_rows(docs, seq_len=4, n_rows=2).tolist() == rows[:2].tolist()
+    with pytest.raises(ValueError, match="no held-out document has 12 tokens"):
+        longctx.long_rows(docs, seq_len=11, n_rows=1)
+
+
+def test_retrieval_conversations_differ_from_the_passkey_prompts():
+    chats = longctx.retrieval_conversations(50, max_sentences=20, seed=3)
+    assert len(chats) == 50 and chats == longctx.retrieval_conversations(50, max_sentences=20, seed=3)
+    filler = {s.strip() for s in longctx.FILLER.split(".") if s.strip()}
+    lengths = set()
+    for user, assistant in chats:
+        text, answer = user["content"], assistant["content"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        key = answer.removeprefix("The secret number is ").removesuffix(".")
+        assert len(key) == 5 and key.isdigit()
+        assert text.count(key) == 1 and text.endswith(" What is the secret number?")
+        sentences = [s.strip() for s in text.removesuffix(" What is the secret number?").split(".") if s.strip()]
+        assert sentences.count(f"The secret number is {key}") == 1
+        rest = [s for s in sentences if s != f"The secret number is {key}"]
+        assert set(rest) <= set(longctx.TRAIN_FILLER) and not set(rest) & filler
+        assert "pass key" not in text.lower()
+        lengths.add(len(rest))
+    assert min(lengths) >= 1 and max(lengths) <= 20 and len(lengths) > 5  # lengths vary
 
 
 class Uniform(nn.Module):
@@ -121,3 +144,16 @@ def test_end_to_end_on_random_tiny_model(tokenizer, capsys):
     print(table)
     assert "beyond-in" in table
     assert "0-16" in capsys.readouterr().out and "passkey" in table
+
+
+def test_heatmap_without_and_with_matplotlib(tmp_path, monkeypatch):
+    results = {"a": {"passkey": {64: {0.1: 0.0, 0.9: 1.0}, 128: {0.1: 0.5, 0.9: 0.25}}},
+               "b": {"passkey": {64: {0.1: 1.0, 0.9: 1.0}, 128: {0.1: 0.0, 0.9: 0.0}}}}
+    path = tmp_path / "heat.png"
+    with monkeypatch.context() as m:
+        m.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+        assert longctx.draw_heatmaps(results, path) == "matplotlib is not installed: no heat-map drawn"
+    assert not path.exists()
+    pytest.importorskip("matplotlib")
+    assert longctx.draw_heatmaps(results, path) == f"heat-map written to {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
