@@ -42,7 +42,7 @@ class StagePlan:
     """What a stage hands the loop."""
     name: str  # the folder under the run: base, mid, sft
     model_config: ModelConfig
-    loader: PackedLoader
+    loader: PackedLoader  # or RL's RolloutSource: next_step, last_stats, state_dict, load_state_dict, close
     total_steps: int  # the schedule's length: --max-steps, else the stage's own budget
     lr_schedule: Callable[[int, int], float]  # (step, total_steps) -> multiplier of each group's initial lr
     init_from: Path | None = None  # checkpoint to take the weights from; None = random init
