@@ -10,7 +10,7 @@ its own position with a per-row mask (fasttrain.model.cached_attention).
 
 `use_cache=False` recomputes the whole context for every new token: the reference the cached
 path is tested against (greedy outputs equal token for token), and the baseline of
-bench/bench_decode.py.
+`python -m bench --only decode`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""fasttrain benchmark suite: `python -m bench` (see bench/__main__.py and bench/common.py)."""
