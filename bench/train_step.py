@@ -191,7 +191,7 @@ def _table(ctx: Context, model_name: str) -> Table:
                   pct(ctx.of_peak(tok_s * flops_per_token / 1e12)),
                   ratio(plain.median / t.median) if not isinstance(plain, str) else None,
                   None if mb is None else round(mb / 2**20))
-    table.notes.append(f"{flops_per_token / 1e6:.1f} MFLOP per token; the four variants timed in turn, "
+    table.notes.append(f"{flops_per_token / 1e6:.1f} MFLOP per token; the {len(variants)} variants timed in turn, "
                        f"medians of {min((t.n for t in timings.values() if not isinstance(t, str)), default=0)}+ steps")
     table.notes.append("plain PyTorch attends causally over whole rows (no document masking): less work "
                        "than fasttrain's document-masked attention on the same batch")
