@@ -96,9 +96,9 @@ def compile_blocks(model: GPT) -> GPT:
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     """--compile / --no-compile, else on for CUDA and off on CPU: there the compiled step measured
-    about 1.2x faster at nanochat's depth-4 shape, but compiling takes a minute or more on 2 cores,
-    longer than it saves in the short CPU runs (the speedrun's stages, the tests); see
-    bench/RESULTS.md, "End to end (CPU)"."""
+    0.96x to 1.19x the eager one at nanochat's depth-4 shape (no clear gain), and compiling takes a
+    minute or more on 2 cores, longer than the short CPU runs (the speedrun's stages, the tests)
+    could win back; see bench/RESULTS.md, "End to end (CPU)"."""
     return cfg.compile if cfg.compile is not None else device.type == "cuda"
 
 
