@@ -40,6 +40,7 @@ SECTIONS = [
     "loader",
     "data",
     "decode",
+    "train_step",  # end to end: the full training step, kernels vs plain PyTorch, eager vs compiled
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

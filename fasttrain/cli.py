@@ -69,7 +69,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
         flags = [_flag(f.name), *f.metadata.get("aliases", ())]
-        if hint is bool:
+        if hint in (bool, bool | None):  # None: the program decides (e.g. by device)
             group.add_argument(*flags, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(hint) is list:
             (item,) = typing.get_args(hint)

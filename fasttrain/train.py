@@ -81,8 +81,30 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def build_model(cfg: ModelConfig, info: DistInfo, seed: int) -> GPT:
-    """Meta device -> allocate on the device -> initialise -> FSDP shards it.
+def compile_blocks(model: GPT) -> GPT:
+    """torch.compile each block's forward with fullgraph=True, in place; returns the model.
+
+    The blocks hold what fuses: norms, ReLU^2, residual adds and the reshapes around the
+    projections; attention and RoPE are torch.library custom ops, which the compiler keeps as
+    opaque calls, so the Triton kernels run as they are. The forward method is compiled, not the
+    module call, so the hooks FSDP adds around each block's call stay outside the graph; the
+    embedding and the fused LM head + loss are one op each and have nothing to fuse.
+    """
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+    return model
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """--compile / --no-compile, else on for CUDA and off on CPU: there the compiled step measured
+    0.96x to 1.19x the eager one at nanochat's depth-4 shape (no clear gain), and compiling takes a
+    minute or more on 2 cores, longer than the short CPU runs (the speedrun's stages, the tests)
+    could win back; see bench/RESULTS.md, "End to end (CPU)"."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
+def build_model(cfg: ModelConfig, info: DistInfo, seed: int, compile: bool = False) -> GPT:
+    """Meta device -> allocate on the device -> initialise -> compile (optional) -> FSDP shards it.
 
     Every rank initialises the full model from the same seed and keeps its shard, so the
     initial weights are the same whatever the world size (initialising the shards with a
@@ -93,6 +115,8 @@ def build_model(cfg: ModelConfig, info: DistInfo, seed: int) -> GPT:
     model.to_empty(device=info.device)
     torch.manual_seed(seed)
     model.init_weights()
+    if compile:
+        compile_blocks(model)
     return apply_fsdp(model, info.device)
 
 
@@ -154,7 +178,7 @@ def _json_number(x: float) -> float | None:
 
 def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GPT:
     """Run `plan` in the claimed stage folder (see rundir.claim_stage) to its last step."""
-    model = build_model(plan.model_config, info, cfg.seed)
+    model = build_model(plan.model_config, info, cfg.seed, compile=use_compile(cfg, info.device))
     optimizers = build_optimizers(model, cfg.lr, cfg.embedding_lr, cfg.head_lr, cfg.weight_decay)
 
     step = 0
@@ -181,7 +205,7 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
     last_step = plan.total_steps
     if info.is_main:
         print(f"{plan.name}: {model.num_params() / 1e6:.2f}M parameters, {last_step} steps of {cfg.batch_tokens} tokens "
-              f"on {info.world_size} x {info.device.type}, packing with {packing_backend()}", file=sys.stderr)
+              f"on {info.world_size} x {info.device.type}{', compiled' if use_compile(cfg, info.device) else ''}, packing with {packing_backend()}", file=sys.stderr)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(info.device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"

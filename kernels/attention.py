@@ -971,6 +971,44 @@ def _attention_torch(q, k, v, softmax_scale, window_left, window_right, softcap)
     return out.transpose(1, 2).contiguous()  # (B, Tq, Hq, D)
 
 
+def _varlen_causal_torch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, block=128):
+    """CPU training path for causal attention over packed documents (q and k share cu_seqlens),
+    under plain autograd: SDPA on blocks of `block` queries, each against its own block and the
+    m = ceil((max_seqlen - 1) / block) blocks before it (no document is longer than max_seqlen,
+    so that is every key a query may see), masked to "same document and not in the future".
+
+    Shapes: q (total, Hq, D) -> queries (n_blocks, Hq, block, D); keys and values gathered to
+    (n_blocks, Hkv, (m + 1) * block, D); mask (n_blocks, 1, block, (m + 1) * block) bool. Scores:
+    total * (m + 1) * block per head, in SDPA's fused kernel (no score-sized temporaries in
+    autograd, where the chunked math path writes and reads several). Static shapes and no host
+    reads, so it traces under torch.compile(fullgraph=True). Tokens outside
+    cu_seqlens[0]:cu_seqlens[-1] attend to themselves only and get zero outputs and gradients.
+    """
+    total, Hq, D = q.shape
+    n_blocks = -(-total // block)
+    m = -(-(max(max_seqlen, 1) - 1) // block)
+    padded = n_blocks * block
+    pos = torch.arange(padded, device=q.device)
+    cu = cu_seqlens.long()
+    doc = torch.searchsorted(cu, pos, right=True)  # 1..n_docs inside the documents
+    valid = (doc > 0) & (doc < cu.shape[0]) & (pos < total)
+    ids = torch.where(valid, doc, -1 - pos)  # outside: an id of its own, so it sees only itself
+    ids_k = F.pad(ids, (m * block, 0), value=-(2**62))  # m blocks of keys nobody sees in front
+    key = (torch.arange(n_blocks, device=q.device)[:, None] * block
+           + torch.arange((m + 1) * block, device=q.device))  # (n_blocks, (m + 1) * block) in ids_k
+    mask = ((ids.view(n_blocks, block, 1) == ids_k[key][:, None, :])
+            & (key[:, None, :] - m * block <= pos.view(n_blocks, block, 1)))  # same doc, causal
+
+    def keys(x):  # (total, H, D) -> (n_blocks, H, (m + 1) * block, D)
+        return F.pad(x, (0, 0, 0, 0, m * block, padded - total))[key].transpose(1, 2)
+
+    qb = F.pad(q, (0, 0, 0, 0, 0, padded - total)).view(n_blocks, block, Hq, D).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qb, keys(k), keys(v), attn_mask=mask[:, None],
+                                         scale=softmax_scale, enable_gqa=Hq != k.shape[1])
+    out = out.transpose(1, 2).reshape(padded, Hq, D)[:total]  # (total, Hq, D)
+    return out * valid[:total, None, None].to(out.dtype)
+
+
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                   upcast=True):
     """Plain-PyTorch attention, differentiable: (out, lse) for q (B, Tq, Hq, D).
@@ -1036,6 +1074,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, left, right, softcap = _options(q, dropout_p, softmax_scale, causal, window_size,
                                            softcap)
+    if (not (q.is_cuda or _interpret() or return_lse) and cu_seqlens_q is cu_seqlens_k
+            and max_seqlen_q == max_seqlen_k and left >= UNBOUNDED and right == 0 and softcap == 0):
+        # CPU training (causal self-attention over packed documents): fused SDPA on blocks
+        return _varlen_causal_torch(q, k, v, cu_seqlens_q, max_seqlen_q, scale)
     out, lse = torch.ops.fasttrain.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
         softcap)

@@ -3,6 +3,8 @@
 Tolerance rule (flash-attn's): the kernel's max error against fp64 must be at most twice the
 error of the plain PyTorch computation in the kernel's dtype, plus a small absolute floor.
 """
+import functools
+
 import pytest
 import torch
 
@@ -175,6 +177,38 @@ def test_cpu_path_varlen(case, no_interpreter):
     for g, r in zip(got, ref):
         finite = torch.isfinite(r)
         torch.testing.assert_close(g[finite].double(), r[finite], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens, Hq, Hkv, block", [
+    ([17, 1, 300, 40, 0, 129], 4, 2, 128),  # documents longer than two blocks, an empty one, GQA
+    ([64, 64, 64], 2, 2, 64),  # documents aligned to the blocks
+    ([5, 9, 3, 1], 1, 1, 4),  # many blocks before a query
+])
+def test_cpu_path_varlen_causal_blocks(lens, Hq, Hkv, block, no_interpreter, monkeypatch):
+    """The CPU training path (causal, no lse): SDPA on query blocks against the blocks before,
+    with tokens before cu_seqlens[0] and after cu_seqlens[-1] (zero outputs and gradients)."""
+    import fasttrain.kernels.attention as attention
+
+    monkeypatch.setattr(attention, "_varlen_causal_torch",
+                        functools.partial(attention._varlen_causal_torch, block=block))
+    cu = _cu(lens) + 3  # three tokens before the first document
+    total = int(cu[-1]) + 5  # and five after the last
+    q, k, v, dout = _inputs((total, Hq, 32), (total, Hkv, 32), torch.float32)
+    inside = slice(3, total - 5)
+    got = _run(lambda q, k, v: (flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True),
+                                torch.zeros(())), q, k, v, dout)
+
+    def ref_fn(q, k, v):  # the documents alone, then zeros where the tokens outside them are
+        out, lse = varlen_attention_ref(q[inside], k[inside], v[inside], cu - 3, cu - 3, causal=True)
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 3, 5)), lse
+
+    ref = _run(ref_fn, q, k, v, dout, torch.float64)
+    for g, r in zip(got[:1] + got[2:], ref[:1] + ref[2:]):  # out, dq, dk, dv
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-5)
+    outside = torch.ones(total, dtype=torch.bool)
+    outside[inside] = False
+    for x in (got[0], *got[2:]):
+        assert x[outside].abs().max() == 0
 
 
 def test_custom_ops_opcheck(no_interpreter):
