@@ -88,11 +88,21 @@ def compile_blocks(model: GPT) -> GPT:
     projections; attention and RoPE are torch.library custom ops, which the compiler keeps as
     opaque calls, so the Triton kernels run as they are. The forward method is compiled, not the
     module call, so the hooks FSDP adds around each block's call stay outside the graph; the
-    embedding and the fused LM head + loss are one op each and have nothing to fuse.
+    embedding and the fused LM head + loss are one op each and have nothing to fuse. Generation
+    with a KV cache (RL's sampling) runs the blocks eagerly: its cache writes and per-row lengths
+    are not one graph.
     """
     for block in model.blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True)
+        block.forward = _compiled_unless_cached(block.forward, torch.compile(block.forward, fullgraph=True))
     return model
+
+
+def _compiled_unless_cached(eager, compiled):
+    def forward(x, cos, sin, cu_seqlens=None, max_seqlen=0, cache=None):
+        if cache is not None:
+            return eager(x, cos, sin, cu_seqlens, max_seqlen, cache)
+        return compiled(x, cos, sin, cu_seqlens, max_seqlen)
+    return forward
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:

@@ -75,6 +75,16 @@ def test_model_weighted_loss_equals_reference_and_sft_with_01_weights():
     torch.testing.assert_close(model(ids, targets, weights=mask.float()), sft)
 
 
+def test_compiled_blocks_sample_eagerly_with_a_kv_cache():
+    """--compile compiles the blocks' training forward (fullgraph); sampling with a KV cache, which
+    is not one graph, runs them eagerly, so RL samples alike compiled or not."""
+    from fasttrain.engine import Engine
+    from fasttrain.train import compile_blocks
+    prompts = [[1, 2, 3], [4, 5]]
+    want = Engine(tiny_model()).generate(prompts, 5)
+    assert Engine(compile_blocks(tiny_model())).generate(prompts, 5) == want
+
+
 # --- the rollout cursor ----------------------------------------------------------------------
 class StubTokenizer:
     bos_id = 0
