@@ -171,12 +171,12 @@ def _table(ctx: Context, model_name: str) -> Table:
     # warmup=2: the first compiled call compiles, the second may recompile once (grad mode, shapes)
     timings = measure(steps, ctx, warmup=2, reps=ctx.size(full=9, quick=5, tiny=3),
                       budget_s=ctx.size(full=400.0, quick=150.0, tiny=5.0))
-    memory = {}
-    for variant in variants:
-        if ctx.cuda:
-            memory[variant] = peak_memory(steps[variant], ctx)
-        elif not ctx.tiny and (not ctx.quick or "compiled" not in variant):
-            memory[variant] = peak_memory_fresh("bench.train_step", "step_call", model_name, variant)
+    if ctx.cuda:
+        memory = {variant: peak_memory(steps[variant], ctx) for variant in variants}
+    else:  # one fresh process for all (--quick leaves out the compiled ones: compiling takes minutes)
+        measured = [v for v in variants if not (ctx.quick and "compiled" in v)]
+        memory = dict(zip(measured, peak_memory_fresh("bench.train_step", "step_call",
+                                                      [[model_name, v] for v in measured])))
     table = Table(f"End to end: training step, {model_name}, {rows} x {seq_len} tokens",
                   ["variant", "tokens/s", "step ms", "p20-p80 ms", "MFU", "vs plain", "peak memory MB"])
     plain = timings.get("plain PyTorch")
