@@ -27,7 +27,7 @@ from fasttrain.data.sources import iter_conversations, iter_documents
 from fasttrain.errors import ConfigError, DataError
 from fasttrain.model import ModelConfig
 from fasttrain.parallel import init_distributed, shutdown_distributed
-from fasttrain.stages.common import corpus_documents
+from fasttrain.stages.common import continue_within_context, corpus_documents
 from fasttrain.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,3 +345,12 @@ def test_bad_chat_files_fail_with_file_and_line(base_run, tmp_path, cpu_env):
                            for name, path in files.items()], cpu_env)
     for (name, path), proc in zip(files.items(), procs):
         assert_one_error_line(proc, f"{path}:3: ", BAD_CHATS[name][1])
+
+
+def test_a_stage_cannot_train_beyond_the_context_it_continues_from(base_run):
+    run = base_run[1]
+    _, _, model_cfg = continue_within_context(str(run), "base", "sft", 8, "")
+    too_long = model_cfg.max_seq_len + 1
+    with pytest.raises(ConfigError, match=rf"--seq-len {too_long} is longer than the base model's context "
+                                          rf"\({model_cfg.max_seq_len}\); extend it first or use --seq-len <= "):
+        continue_within_context(str(run), "base", "sft", too_long, "extend it first or ")

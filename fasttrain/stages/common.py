@@ -12,7 +12,7 @@ from fasttrain.config import MIN_MIXTURE_SIZE  # noqa: F401 (re-exported)
 from fasttrain.data.corpus import build_corpus, corpus_key, open_shards, split_corpus, wait_for_manifest
 from fasttrain.data.sources import iter_conversations, iter_gsm8k, iter_multiple_choice, source_files
 from fasttrain.data.tasks import default_mid_mixture, default_sft_mixture
-from fasttrain.errors import DataError, RunError, file_system
+from fasttrain.errors import ConfigError, DataError, RunError, file_system
 from fasttrain.model import ModelConfig
 from fasttrain.parallel import DistInfo
 from fasttrain.rundir import stage_dir, tokenizer_dir
@@ -37,6 +37,18 @@ def previous_checkpoint(run: str, stage: str, needed_by: str, tokenizer: Tokeniz
                        f"(was the tokenizer retrained?); {needed_by} needs the same one: restore it, or train "
                        f"{stage} again with --overwrite")
     return ckpt, ModelConfig(**meta["model_config"])
+
+
+def continue_within_context(run: str, stage: str, needed_by: str, seq_len: int, how_to_extend: str
+                            ) -> tuple[Tokenizer, Path, ModelConfig]:
+    """The run's tokenizer and `stage`'s newest checkpoint with its model config, for a stage that
+    trains within that model's context: --seq-len must not be longer than it."""
+    tokenizer = load_tokenizer(run)
+    ckpt, model_cfg = previous_checkpoint(run, stage, needed_by, tokenizer)
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the {stage} model's context ({model_cfg.max_seq_len}); "
+                          f"{how_to_extend}use --seq-len <= {model_cfg.max_seq_len}")
+    return tokenizer, ckpt, model_cfg
 
 
 def conversation_documents(tokenizer: Tokenizer, conversations, max_len: int):

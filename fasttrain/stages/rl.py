@@ -21,7 +21,7 @@ from fasttrain.errors import ConfigError
 from fasttrain.evals import task_file_kind
 from fasttrain.parallel import DistInfo
 from fasttrain.rollout import Problem, RolloutSource
-from fasttrain.stages.common import load_tokenizer, previous_checkpoint, read_conversations
+from fasttrain.stages.common import continue_within_context, read_conversations
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
 
 
@@ -45,11 +45,7 @@ def rl_problems(tokenizer, paths: list[str], rl: RLConfig, seed: int) -> list[Pr
 
 
 def plan(cfg: TrainConfig, rl: RLConfig, info: DistInfo) -> StagePlan:
-    tokenizer = load_tokenizer(cfg.run)
-    ckpt, model_cfg = previous_checkpoint(cfg.run, "sft", "rl", tokenizer)
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the SFT model's context ({model_cfg.max_seq_len}); "
-                          f"use --seq-len <= {model_cfg.max_seq_len}")
+    tokenizer, ckpt, model_cfg = continue_within_context(cfg.run, "sft", "rl", cfg.seq_len, "")
     source = RolloutSource(rl_problems(tokenizer, cfg.data, rl, cfg.seed), tokenizer, cfg.rows_per_step(),
                            cfg.micro_batch, info, samples_per_prompt=rl.samples_per_prompt, seq_len=cfg.seq_len,
                            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,

@@ -7,18 +7,14 @@ from functools import partial
 
 from fasttrain.config import SFTConfig
 from fasttrain.data.loader import PackedLoader
-from fasttrain.errors import ConfigError
 from fasttrain.parallel import DistInfo
-from fasttrain.stages.common import conversation_documents, load_tokenizer, previous_checkpoint, task_conversations
+from fasttrain.stages.common import continue_within_context, conversation_documents, task_conversations
 from fasttrain.train import StagePlan, TrainConfig, lr_multiplier
 
 
 def plan(cfg: TrainConfig, sft: SFTConfig, info: DistInfo) -> StagePlan:
-    tokenizer = load_tokenizer(cfg.run)
-    ckpt, model_cfg = previous_checkpoint(cfg.run, "mid", "sft", tokenizer)
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the mid model's context ({model_cfg.max_seq_len}); "
-                       f"extend the context in mid (--seq-len there) or use --seq-len <= {model_cfg.max_seq_len}")
+    tokenizer, ckpt, model_cfg = continue_within_context(cfg.run, "mid", "sft", cfg.seq_len,
+                                                         "extend the context in mid (--seq-len there) or ")
     conversations = task_conversations(cfg.data, "sft", sft.mixture_size, cfg.seed)
     docs, masks = conversation_documents(tokenizer, conversations, max_len=cfg.seq_len + 1)
     loader = PackedLoader(docs, cfg.seq_len, cfg.rows_per_step(), cfg.micro_batch, info.rank, info.world_size,
