@@ -7,8 +7,9 @@ import torch
 
 from fasttrain.engine import Engine, sample_next
 from fasttrain.evaluate import chat_loop, generate
-from fasttrain.model import GPT, ModelConfig
+from fasttrain.model import GPT
 from fasttrain.tokenizer import Tokenizer
+from test_model import tiny as tiny_model
 
 VOCAB = 97
 
@@ -29,17 +30,8 @@ def one_thread():
 
 
 def tiny(**kw) -> GPT:
-    cfg = ModelConfig(**{"depth": 2, "aspect_ratio": 16, "head_dim": 8, "vocab_size": VOCAB, "max_seq_len": 64, **kw})
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.init_weights()
-    # zero-initialised projections make every block the identity (attention would not matter)
-    # and the tiny LM head makes greedy constant: give them values
-    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-    for block in model.blocks:
-        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
-        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
-    return model.eval()
+    # attention projections larger than test_model's: greedy decoding must depend on the context
+    return tiny_model(attn_proj_std=0.2, **{"vocab_size": VOCAB, **kw}).eval()
 
 
 MODELS = {

@@ -20,7 +20,8 @@ def reference_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def tiny(**kw) -> GPT:
+def tiny(attn_proj_std: float = 0.05, **kw) -> GPT:
+    """A 2-block model (ModelConfig fields in kw) with weights that make every part matter."""
     cfg = ModelConfig(**{"depth": 2, "aspect_ratio": 16, "head_dim": 8, "vocab_size": 97, "max_seq_len": 64, **kw})
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -29,7 +30,7 @@ def tiny(**kw) -> GPT:
     # logits near 0: give them values for the tests
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)
     for block in model.blocks:
-        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=attn_proj_std)
         torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
     return model
 
