@@ -73,11 +73,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _block_range(start, BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, shift, w_lo, w_hi,
+def _block_range(start, BLOCK, OTHER_BLOCK: tl.constexpr, shift, w_lo, w_hi,
                  other_len):
     """Blocks of the other axis that rows [start, start + BLOCK) of this axis can see.
 
     Row y sees x when y + shift - w_lo <= x <= y + shift + w_hi and 0 <= x < other_len.
+    BLOCK may be a runtime count (the rows of a head-packed forward program span fewer tokens).
     Returns (lo, full_lo, full_hi, hi): blocks in [full_lo, full_hi) are visible to every row
     and need no mask; [lo, full_lo) and [full_hi, hi) straddle an edge and are masked.
     """
@@ -111,31 +112,39 @@ def _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m, lo, hi,
+def _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, lo, hi,
                diag, window_left, window_right, seqlen_k, scale_in, scale_out,
                MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+               USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # k_src/v_src: tensor descriptors (USE_TMA) or base pointers of this document's keys/values.
+    # rows (BLOCK_M,): the query token index of each row, for the mask.
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if not USE_TMA:
+        k_ptrs = k_src + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt \
+            + offs_d[None, :]
+        v_ptrs = v_src + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt \
+            + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
-        kv_mask = (offs_d < HEAD_DIM)[None, :]
-        if MASK:
-            kv_mask = kv_mask & (start_n + offs_n < seqlen_k)[:, None]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        if USE_TMA:  # rows past the document's end and columns past HEAD_DIM read as zeros
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            kv_mask = (offs_d < HEAD_DIM)[None, :]
+            if MASK:
+                kv_mask = kv_mask & (start_n + offs_n < seqlen_k)[:, None]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
         s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
         if HAS_SOFTCAP:
             s = _tanh(s * scale_in) * scale_out
         else:
             s = s * scale_out
         if MASK:
-            d = offs_m[:, None] + diag  # key aligned with each query (bottom-right)
+            d = rows[:, None] + diag  # key aligned with each query (bottom-right)
             j = (start_n + offs_n)[None, :]
             s = tl.where((j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right), s,
                          float("-inf"))
@@ -157,64 +166,84 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     # sizes (seqlen_* are per-document for varlen, read from CU_*)
     seqlen_q, seqlen_k, n_heads_q, group, window_left, window_right, scale_in, scale_out,
-    seqlen_bucket,  # only an autotune key
+    seqlen_bucket, choices,  # only autotune keys (choices: see _fwd_choices)
     # strides (batch, token, head); the head dim is contiguous
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
     # meta
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
 ):
+    # A program owns BLOCK_M rows of one batch row / document. Unpacked: rows are query tokens
+    # [start_m, start_m + BLOCK_M) of query head program_id(1). PACK_GQA: program_id(1) is a key/
+    # value head and rows are the (token, query head) pairs of its `group` query heads, row
+    # r = token * group + head-in-group, so every key/value tile serves `group` heads.
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
                                                        IS_VARLEN)
-    if start_m >= seqlen_q:
+    offs_m = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        first = start_m // group  # the tokens [first, first + span) that the rows touch
+        span = (start_m + BLOCK_M - 1) // group - first + 1
+        rows = (start_m + offs_m) // group  # (BM,) token of each row
+        heads = (h * group + (start_m + offs_m) % group).to(tl.int64)  # (BM,) its query head
+        h_kv = h.to(tl.int64)
+    else:
+        first = start_m
+        span = BLOCK_M
+        rows = start_m + offs_m
+        heads = h.to(tl.int64)
+        h_kv = heads // group
+    if first >= seqlen_q:
         return
     b = b.to(tl.int64)
-    h = h.to(tl.int64)
-    h_kv = h // group
-    # int64 base offsets: batch * stride and token * stride overflow int32 at real sizes
-    q_base = Q + b * stride_qb + (q_start + start_m) * stride_qt + h * stride_qh
-    o_base = O + b * stride_ob + (q_start + start_m) * stride_ot + h * stride_oh
-    k_base = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
-    v_base = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
-    lse_base = LSE + b * stride_lb + h * stride_lh + q_start + start_m
+    # int64 offsets: batch * stride and token * stride overflow int32 at real sizes
+    q_rows = Q + b * stride_qb + (q_start + rows) * stride_qt + heads * stride_qh  # (BM,)
+    o_rows = O + b * stride_ob + (q_start + rows) * stride_ot + heads * stride_oh
+    lse_rows = LSE + b * stride_lb + heads * stride_lh + q_start + rows
+    k_src = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
+    v_src = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
+    if USE_TMA:  # TMA copies of this document's keys/values: (seqlen_k, HEAD_DIM) row-major
+        k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen_k, HEAD_DIM],
+                                          strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen_k, HEAD_DIM],
+                                          strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D])
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_mask = (start_m + offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
+    row_ok = rows < seqlen_q
+    row_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     diag = seqlen_k - seqlen_q
-    lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, BLOCK_N, diag, window_left,
+    lo, full_lo, full_hi, hi = _block_range(first, span, BLOCK_N, diag, window_left,
                                             window_right, seqlen_k)
     # Three ranges: masked edge, full blocks, masked edge. Arguments are spelled out: the compiler
     # turns the elements of a tuple assigned to a local into tensors, constexprs included.
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
                                lo, full_lo, diag, window_left, window_right, seqlen_k, scale_in,
-                               scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
-                               HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
-                               full_lo, full_hi, diag, window_left, window_right, seqlen_k,
-                               scale_in, scale_out, False, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N,
+                               scale_out, True, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N,
                                BLOCK_D, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_m,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
+                               full_lo, full_hi, diag, window_left, window_right, seqlen_k,
+                               scale_in, scale_out, False, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M,
+                               BLOCK_N, BLOCK_D, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
                                full_hi, hi, diag, window_left, window_right, seqlen_k, scale_in,
-                               scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
-                               HEAD_DIM)
+                               scale_out, True, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
 
     seen = l_i > 0  # rows that saw no key: out = 0, lse = +inf
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_mask)
-    tl.store(lse_base + offs_m, lse, mask=start_m + offs_m < seqlen_q)
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_mask)
+    tl.store(lse_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -536,18 +565,94 @@ def _prune_configs(tiles, kernel_name):
     return prune
 
 
-def _autotune(kernel, tiles):
+# The forward's other choices, timed by its autotuner against each other at every tile
+# (FASTTRAIN_ATTN_FWD=<name> forces one; unset or "auto" lets the autotuner pick):
+#   pointer   the first design: masked pointer loads, one query head per program.
+#   tma       key/value tiles by TMA (tensor descriptors built in the kernel, one per document,
+#             so rows past a document's end read as zeros): sm_90 and newer, and only for k/v
+#             whose data pointer and strides are 16-byte aligned.
+#   pack      GQA head packing: one program per key/value head takes the `group` query heads
+#             that share it (rows = tokens x heads), so each key/value tile is read once per
+#             group instead of once per query head. Tried only when group > 1.
+#   pack+tma  both.
+_FWD_CHOICES = {"pointer": (False, False), "tma": (True, False), "pack": (False, True),
+                "pack+tma": (True, True)}  # name -> (USE_TMA, PACK_GQA)
+_FWD_CONFIG_CHOICES = [dict(USE_TMA=tma, PACK_GQA=pack) for tma, pack in _FWD_CHOICES.values()]
+
+
+def _choice_bit(use_tma, pack_gqa):
+    return 1 << (2 * bool(use_tma) + bool(pack_gqa))
+
+
+def _tma_aligned(x):
+    """TMA's rules for a (.., tokens, heads, head_dim) tensor read as (tokens, head_dim) tiles:
+    16-byte aligned data pointer and strides, contiguous last dim, token stride >= head dim."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(-3) >= x.shape[-1]
+            and all(st * size % 16 == 0 for st in x.stride()[:-1]))
+
+
+def _fwd_choices(k, v, group):
+    """(bit mask of the forward choices to try, the choice the interpreter runs).
+
+    Bit 2 * USE_TMA + PACK_GQA of the mask is set for each (USE_TMA, PACK_GQA) choice of
+    _FWD_CHOICES that this device and these inputs allow. The mask is an argument of the kernel
+    and part of its autotune key, so inputs that allow other choices are tuned apart.
+    """
+    forced = os.environ.get("FASTTRAIN_ATTN_FWD", "auto")
+    if forced != "auto" and forced not in _FWD_CHOICES:
+        raise ValueError(f"FASTTRAIN_ATTN_FWD={forced!r}: expected auto or one of "
+                         f"{', '.join(_FWD_CHOICES)}")
+    major, _ = _device_limits(k.device)
+    tma = major >= 9 and _tma_aligned(k) and _tma_aligned(v)
+    if forced != "auto":
+        if _FWD_CHOICES[forced][0] and not tma:
+            raise ValueError(f"FASTTRAIN_ATTN_FWD={forced}: TMA needs compute capability >= 9 "
+                             f"(got {major}) and k/v with 16-byte aligned data pointers and "
+                             f"strides (got strides {k.stride()}, {v.stride()}, "
+                             f"{k.element_size()} bytes per element); use pointer or pack")
+        return _choice_bit(*_FWD_CHOICES[forced]), _FWD_CHOICES[forced]
+    mask = 0
+    for use_tma, pack_gqa in _FWD_CHOICES.values():
+        if (tma or not use_tma) and (group > 1 or not pack_gqa):
+            mask |= _choice_bit(use_tma, pack_gqa)
+    return mask, _FWD_CHOICES["pointer"]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """The forward's prune: the choices that `choices` allows, then the tiles as for the others."""
+    configs = [c for c in configs
+               if named_args["choices"] & _choice_bit(c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"])]
+    return _prune_configs(_FWD_TILES, "_attn_fwd_kernel")(configs, named_args, **kwargs)
+
+
+def _tma_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_scratch():
+    """Descriptors built in a kernel live in global scratch that Triton asks its allocator for
+    at launch. Install one backed by torch's caching allocator, unless one is set: Triton (3.6 to
+    3.9) keeps it in a ContextVar, per thread, that holds a NullAllocator until someone sets it."""
+    from triton.runtime import _allocation
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
+def _autotune(kernel, tiles, extra=({},), prune=None, key=None):
     shapes = sorted({shape for by_dim in tiles.values() for choices in by_dim.values()
                      for shape in choices})
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in shapes]
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={
-        "early_config_prune": _prune_configs(tiles, kernel.__name__)})(kernel)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **more}, num_warps=w, num_stages=s)
+               for m, n, w, s in shapes for more in extra]  # extra: other constexprs to try
+    return triton.autotune(configs, key=key or _TUNE_KEY, prune_configs_by={
+        "early_config_prune": prune or _prune_configs(tiles, kernel.__name__)})(kernel)
 
 
 _TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "window_left", "window_right", "IS_VARLEN",
              "HAS_SOFTCAP"]
-_attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES)
+_attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES, extra=_FWD_CONFIG_CHOICES,
+                      prune=_prune_fwd_configs, key=_TUNE_KEY + ["choices"])
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)
 _attn_bwd_dq = _autotune(_attn_bwd_dq_kernel, _DQ_TILES)
 # The interpreter is too slow to autotune; unequal blocks there exercise every mask edge.
@@ -610,15 +715,24 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_sca
         lse_strides = lse.stride()[:2]
         cu_q = cu_k = lse  # never read: IS_VARLEN=False
     scale_in, scale_out = _softcap_scales(softmax_scale, softcap)
+    group = n_heads_q // n_heads_kv
+    choices, interpreted = _fwd_choices(k, v, group)
+    meta = _kernel_meta(q, softcap)
+    if _interpret():  # no autotuning there: one choice, pointers unless forced
+        meta.update(USE_TMA=interpreted[0], PACK_GQA=interpreted[1])
+    elif q.is_cuda and choices & (_choice_bit(True, False) | _choice_bit(True, True)):
+        _ensure_tma_scratch()
 
     def grid(meta):
+        if meta["PACK_GQA"]:  # a program per key/value head, its rows = tokens x group heads
+            return (triton.cdiv(max_seqlen_q * group, meta["BLOCK_M"]), n_heads_kv, batch)
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), n_heads_q, batch)
 
     _launch(_attn_fwd, grid, q, k, v, out, lse, cu_q, cu_k,
-            max_seqlen_q, max_seqlen_k, n_heads_q, n_heads_q // n_heads_kv, window_left,
-            window_right, scale_in, scale_out, _seqlen_bucket(max_seqlen_q),
+            max_seqlen_q, max_seqlen_k, n_heads_q, group, window_left,
+            window_right, scale_in, scale_out, _seqlen_bucket(max_seqlen_q), choices,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(out, varlen), *lse_strides, IS_VARLEN=varlen, **_kernel_meta(q, softcap))
+            *_strides(out, varlen), *lse_strides, IS_VARLEN=varlen, **meta)
     return out, lse
 
 

@@ -135,6 +135,91 @@ def test_non_contiguous_inputs():
            q, k, v, dout)
 
 
+# ---- the forward's other choices (TMA loads, GQA head packing), forced one at a time ---------
+
+# (B, Tq, Tk, Hq, Hkv, D, causal, window, softcap): groups 2 and 3 (odd), causal, window, softcap,
+# a head dim padded to the tile, Tq != Tk; MHA for TMA alone
+CHOICE_DENSE = [
+    (1, 77, 77, 6, 2, 32, True, (-1, -1), 0.0),  # group 3
+    (2, 45, 70, 4, 2, 48, False, (20, 7), 2.0),  # group 2, two-sided window, softcap, D 48 -> 64
+    (1, 100, 60, 3, 1, 32, True, (17, -1), 0.0),  # group 3, Tq > Tk: first rows see no key
+    (1, 50, 50, 2, 2, 32, True, (-1, -1), 0.0),  # MHA
+]
+CHOICE_VARLEN = [
+    ([17, 1, 70, 0, 40], None, 6, 2, 32, True, (-1, -1), 0.0),  # group 3, empty document
+    ([5, 30, 20, 17], [9, 30, 4, 3], 4, 2, 32, True, (8, -1), 2.0),  # group 2, Tq != Tk
+    ([33, 64], [40, 20], 3, 3, 64, False, (10, 5), 0.0),  # MHA, two-sided window
+]
+
+
+def _nan_tail(x, dim):
+    """x as a view into a larger buffer whose tokens past x's end (along dim) are NaN: a kernel
+    that reads past a sequence's end then returns NaN instead of passing by luck."""
+    shape = list(x.shape)
+    shape[dim] += 8
+    buf = torch.full(shape, float("nan"), dtype=x.dtype)
+    view = buf.narrow(dim, 0, x.shape[dim])
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma"])
+@pytest.mark.parametrize("case", CHOICE_DENSE, ids=_id)
+def test_forward_choices_dense(case, choice, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", choice)
+    B, Tq, Tk, Hq, Hkv, D, causal, window, softcap = case
+    q, k, v, dout = _inputs((B, Tq, Hq, D), (B, Tk, Hkv, D), torch.float32)
+    opts = dict(causal=causal, window_size=window, softcap=softcap)
+    _check(lambda q, k, v: flash_attn_func(q, k, v, return_lse=True, **opts),
+           lambda q, k, v, upcast: attention_ref(q, k, v, upcast=upcast, **opts),
+           q, _nan_tail(k, 1), _nan_tail(v, 1), dout)
+
+
+@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma"])
+@pytest.mark.parametrize("case", CHOICE_VARLEN, ids=_id)
+def test_forward_choices_varlen(case, choice, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", choice)
+    lens_q, lens_k, Hq, Hkv, D, causal, window, softcap = case
+    lens_k = lens_k or lens_q
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    q, k, v, dout = _inputs((sum(lens_q), Hq, D), (sum(lens_k), Hkv, D), torch.float32)
+    opts = dict(causal=causal, window_size=window, softcap=softcap)
+    sizes = (cu_q, cu_k, max(lens_q), max(lens_k))
+    _check(lambda q, k, v: flash_attn_varlen_func(q, k, v, *sizes, return_lse=True, **opts),
+           lambda q, k, v, upcast: varlen_attention_ref(q, k, v, cu_q, cu_k, upcast=upcast,
+                                                        **opts),
+           q, _nan_tail(k, 0), _nan_tail(v, 0), dout)
+
+
+def test_forward_choices_follow_device_and_alignment(monkeypatch):
+    """TMA configs are kept only on sm_90+ with 16-byte aligned k/v; packing only for GQA."""
+    import fasttrain.kernels.attention as attention
+
+    def kept(q, k, major):
+        monkeypatch.setattr(attention, "_device_limits", lambda device: (major, 232_448))
+        choices, _ = attention._fwd_choices(k, k, q.shape[2] // k.shape[2])
+        named = {"Q": q, "choices": choices}
+        configs = attention._prune_fwd_configs(attention._attn_fwd.configs, named, BLOCK_D=64,
+                                               HEAD_DIM=64)
+        return {(c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"]) for c in configs}
+
+    q = torch.empty(1, 64, 8, 64, dtype=torch.float16)
+    k = torch.empty(1, 64, 2, 64, dtype=torch.float16)
+    assert kept(q, k, 9) == {(False, False), (True, False), (False, True), (True, True)}
+    assert kept(q, k, 8) == {(False, False), (False, True)}
+    assert kept(q, q, 9) == {(False, False), (True, False)}  # MHA: nothing to pack
+    odd = torch.empty(1, 64, 2, 68, dtype=torch.float16)[..., 1:65]  # 2-byte aligned base
+    assert kept(q, odd, 9) == {(False, False), (False, True)}
+    narrow = torch.empty(1, 64, 2, 60, dtype=torch.float16)  # 120-byte head stride
+    assert kept(q, narrow, 9) == {(False, False), (False, True)}
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", "tma")
+    with pytest.raises(ValueError, match="TMA needs compute capability"):
+        kept(q, odd, 9)
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", "fast")
+    with pytest.raises(ValueError, match="expected auto or one of"):
+        kept(q, k, 9)
+
+
 # ---- the CPU training path (TRITON_INTERPRET unset): SDPA / the grouped reference -----------
 
 
