@@ -9,8 +9,14 @@ best is visible; a backend that refuses a case is a "failed" row.
 
 FLOPs: forward = 4 * B * H * Tq * Tk * D (two matmuls), halved when causal; backward = 2.5 x
 forward. The plot: forward+backward TFLOP/s against T for the causal MHA cases.
+
+Each case also times the forward's choices side by side ("fwd choices" rows, forward only):
+"fasttrain" (the autotuner's pick) against each choice forced with FASTTRAIN_ATTN_FWD: pointer
+loads, TMA loads, and for GQA the head-packed programs, with pointer or TMA loads.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +65,30 @@ def _dense_impls(q, k, v, causal, compiled):
     if compiled is not None:
         impls["compiled reference"] = lambda: compiled(q, k, v, causal)
     return impls, fa is not None
+
+
+def _forced(choice: str, fn):
+    """fn run with FASTTRAIN_ATTN_FWD=choice (the forward launcher reads it at every call)."""
+    def run():
+        saved = os.environ.get("FASTTRAIN_ATTN_FWD")
+        os.environ["FASTTRAIN_ATTN_FWD"] = choice
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["FASTTRAIN_ATTN_FWD"]
+            else:
+                os.environ["FASTTRAIN_ATTN_FWD"] = saved
+    return run
+
+
+def _add_forward_choices(table, ctx, case, impls, leaves, gqa, flops):
+    """Forward-only rows: fasttrain's autotuned forward against each choice forced."""
+    choices = ("pointer", "tma", "pack", "pack+tma") if gqa else ("pointer", "tma")
+    timed = {"fasttrain": impls["fasttrain"]}
+    timed.update({f"fasttrain {c}": _forced(c, impls["fasttrain"]) for c in choices})
+    res = measure_passes(timed, leaves, ctx, passes=("forward",), reps=ctx.size(20, 8, 3))
+    add_pass_rows(table, ctx, f"{case} fwd choices", res, {"forward": flops}, "TFLOP/s")
 
 
 def _inputs(ctx, shape_q, shape_kv):
@@ -128,6 +158,7 @@ def run(ctx: Context) -> list[Table]:
                     fwd = 4 * B * H * T * T * D / (2 if causal else 1)
                     case = f"B{B} T{T} H{H}/{Hkv} D{D}{' causal' if causal else ''}"
                     add_pass_rows(table, ctx, case, res, _flops(fwd), "TFLOP/s")
+                    _add_forward_choices(table, ctx, case, impls, [q, k, v], Hkv != H, fwd)
                     if causal and Hkv == H and D == head_dims[-1]:
                         for name, timing in res["forward+backward"].items():
                             if not isinstance(timing, str):
@@ -137,6 +168,7 @@ def run(ctx: Context) -> list[Table]:
         case, impls, leaves, fwd = _varlen_case(ctx, H, H // 4, D)
         res = measure_passes(impls, leaves, ctx, reps=ctx.size(20, 8, 3))
         add_pass_rows(table, ctx, case, res, _flops(fwd), "TFLOP/s")
+        _add_forward_choices(table, ctx, case, impls, leaves, True, fwd)
     if not has_fa:
         table.add("all", "", "flash-attn", "not installed", *[None] * (len(table.columns) - 4))
     table.notes += ["sdpa <backend>: torch.nn.attention.sdpa_kernel pins one backend; 'failed' = it "

@@ -232,6 +232,10 @@ LAUNCHES: dict[str, Callable[[int], list]] = {
 # ----------------------------------------------------------------------------------------------
 
 
+# Constexpr choices beside the tile that autotune configs may carry, as config labels show them
+_CHOICE_LABELS = {"USE_TMA": "tma", "PACK_GQA": "pack", "ONE_LOOP": "oneloop"}
+
+
 def configs_of(kernel, args, kwargs):
     """[(label, config kwargs, kept)] for an autotuned kernel; [("w4", {}, True)] otherwise."""
     if not isinstance(kernel, Autotuner):
@@ -244,6 +248,7 @@ def configs_of(kernel, args, kwargs):
     for config in kernel.configs:
         kw = config.all_kwargs()
         label = "BM{BLOCK_M} BN{BLOCK_N} w{num_warps} s{num_stages}".format(**kw)
+        label += "".join(f" {name}" for key, name in _CHOICE_LABELS.items() if kw.get(key))
         out.append((label, kw, config in kept))
     return out
 
@@ -356,7 +361,8 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
                 rec = {"arch": arch, "op": op, "kernel": fn.__name__, "case": launch.case,
                        "config": label, "triton": triton.__version__,
                        "tile": {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
-                                                        "num_stages") if k in config},
+                                                        "num_stages", *_CHOICE_LABELS)
+                                if k in config},
                        "dot_rows": config.get(DOT_ROWS.get(fn.__name__))}
                 try:
                     src, options, backend = _source(fn, launch.args, dict(launch.kwargs, **config),

@@ -112,13 +112,24 @@ def _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, lo, hi,
-               diag, window_left, window_right, seqlen_k, scale_in, scale_out,
+def _fwd_mask(s, rows, start_n, offs_n, diag, window_left, window_right, seqlen_k):
+    """-inf where a query row (token index rows) must not see key start_n + offs_n."""
+    d = rows[:, None] + diag  # key aligned with each query (bottom-right)
+    j = (start_n + offs_n)[None, :]
+    return tl.where((j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right), s,
+                    float("-inf"))
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, lo, hi, full_lo,
+               full_hi, diag, window_left, window_right, seqlen_k, scale_in, scale_out,
                MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     # k_src/v_src: tensor descriptors (USE_TMA) or base pointers of this document's keys/values.
-    # rows (BLOCK_M,): the query token index of each row, for the mask.
+    # rows (BLOCK_M,): the query token index of each row, for the mask. MASK: False (no block
+    # needs it), True (every block does), 2 (only blocks outside [full_lo, full_hi), tested at
+    # run time: one copy of the loop serves all three ranges).
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if not USE_TMA:
@@ -143,11 +154,12 @@ def _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, lo, h
             s = _tanh(s * scale_in) * scale_out
         else:
             s = s * scale_out
-        if MASK:
-            d = rows[:, None] + diag  # key aligned with each query (bottom-right)
-            j = (start_n + offs_n)[None, :]
-            s = tl.where((j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right), s,
-                         float("-inf"))
+        if MASK == 2:
+            if (start_n < full_lo) | (start_n >= full_hi):
+                s = _fwd_mask(s, rows, start_n, offs_n, diag, window_left, window_right,
+                              seqlen_k)
+        elif MASK:
+            s = _fwd_mask(s, rows, start_n, offs_n, diag, window_left, window_right, seqlen_k)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = m_new
         if MASK:  # a row that has seen no key yet keeps m = -inf; subtract 0 instead of nan
@@ -174,6 +186,7 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # A program owns BLOCK_M rows of one batch row / document. Unpacked: rows are query tokens
     # [start_m, start_m + BLOCK_M) of query head program_id(1). PACK_GQA: program_id(1) is a key/
@@ -223,20 +236,30 @@ def _attn_fwd_kernel(
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = _block_range(first, span, BLOCK_N, diag, window_left,
                                             window_right, seqlen_k)
-    # Three ranges: masked edge, full blocks, masked edge. Arguments are spelled out: the compiler
-    # turns the elements of a tuple assigned to a local into tensors, constexprs included.
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
-                               lo, full_lo, diag, window_left, window_right, seqlen_k, scale_in,
-                               scale_out, True, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N,
-                               BLOCK_D, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
-                               full_lo, full_hi, diag, window_left, window_right, seqlen_k,
-                               scale_in, scale_out, False, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M,
-                               BLOCK_N, BLOCK_D, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
-                               full_hi, hi, diag, window_left, window_right, seqlen_k, scale_in,
-                               scale_out, True, HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N,
-                               BLOCK_D, HEAD_DIM)
+    # Three ranges: masked edge, full blocks, masked edge, each its own copy of the loop; or
+    # (ONE_LOOP) one copy that tests per block whether to mask. Arguments are spelled out: the
+    # compiler turns the elements of a tuple assigned to a local into tensors, constexprs included.
+    if ONE_LOOP:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
+                                   lo, hi, full_lo, full_hi, diag, window_left, window_right,
+                                   seqlen_k, scale_in, scale_out, 2, HAS_SOFTCAP, PREC, USE_TMA,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    else:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
+                                   lo, full_lo, full_lo, full_hi, diag, window_left,
+                                   window_right, seqlen_k, scale_in, scale_out, True,
+                                   HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+                                   HEAD_DIM)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
+                                   full_lo, full_hi, full_lo, full_hi, diag, window_left,
+                                   window_right, seqlen_k, scale_in, scale_out, False,
+                                   HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+                                   HEAD_DIM)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
+                                   full_hi, hi, full_lo, full_hi, diag, window_left,
+                                   window_right, seqlen_k, scale_in, scale_out, True,
+                                   HAS_SOFTCAP, PREC, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+                                   HEAD_DIM)
 
     seen = l_i > 0  # rows that saw no key: out = 0, lse = +inf
     l_safe = tl.where(seen, l_i, 1.0)
@@ -526,13 +549,14 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
 def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
     pipeline stages for the streamed ones: an upper bound of the compiled size (equal to it on
-    sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v);
+    sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v),
+    with TMA also a barrier per stage and up to 1 KiB of padding that aligns the TMA tiles;
     dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     s = max(config.num_stages, 2)  # one stage still stages a tile for the dots' layout change
     tile = elem_size * head_dim_tile
     if kernel_name == "_attn_fwd_kernel":
-        return tile * (m + 2 * n * s)
+        return tile * (m + 2 * n * s) + (1024 + 16 * s if config.kwargs.get("USE_TMA") else 0)
     if kernel_name == "_attn_bwd_dq_kernel":
         return tile * (2 * m + 2 * n * s)
     return tile * (2 * n + 2 * m * s) + 16 * m * s
@@ -567,21 +591,27 @@ def _prune_configs(tiles, kernel_name):
 
 # The forward's other choices, timed by its autotuner against each other at every tile
 # (FASTTRAIN_ATTN_FWD=<name> forces one; unset or "auto" lets the autotuner pick):
-#   pointer   the first design: masked pointer loads, one query head per program.
-#   tma       key/value tiles by TMA (tensor descriptors built in the kernel, one per document,
-#             so rows past a document's end read as zeros): sm_90 and newer, and only for k/v
-#             whose data pointer and strides are 16-byte aligned.
-#   pack      GQA head packing: one program per key/value head takes the `group` query heads
-#             that share it (rows = tokens x heads), so each key/value tile is read once per
-#             group instead of once per query head. Tried only when group > 1.
-#   pack+tma  both.
-_FWD_CHOICES = {"pointer": (False, False), "tma": (True, False), "pack": (False, True),
-                "pack+tma": (True, True)}  # name -> (USE_TMA, PACK_GQA)
-_FWD_CONFIG_CHOICES = [dict(USE_TMA=tma, PACK_GQA=pack) for tma, pack in _FWD_CHOICES.values()]
+#   pointer      the first design: masked pointer loads, one query head per program, three
+#                copies of the main loop (masked edge, full blocks, masked edge).
+#   tma          key/value tiles by TMA (tensor descriptors built in the kernel, one per
+#                document, so rows past a document's end read as zeros): sm_90 and newer, and
+#                only for k/v whose data pointer and strides are 16-byte aligned.
+#   pack         GQA head packing: one program per key/value head takes the `group` query heads
+#                that share it (rows = tokens x heads), so each key/value tile is read once per
+#                group instead of once per query head. Tried only when group > 1.
+#   pack+tma     both.
+#   tma+oneloop  TMA with one copy of the main loop that masks only the edge blocks, behind a
+#                runtime test (a third of the code: 2 dots in the kernel's IR instead of 6).
+_FWD_CHOICES = {  # name -> (USE_TMA, PACK_GQA, ONE_LOOP)
+    "pointer": (False, False, False), "tma": (True, False, False), "pack": (False, True, False),
+    "pack+tma": (True, True, False), "tma+oneloop": (True, False, True)}
+_FWD_CONFIG_CHOICES = [dict(USE_TMA=tma, PACK_GQA=pack, ONE_LOOP=one)
+                       for tma, pack, one in _FWD_CHOICES.values()]
 
 
-def _choice_bit(use_tma, pack_gqa):
-    return 1 << (2 * bool(use_tma) + bool(pack_gqa))
+def _choice_bit(use_tma, pack_gqa, one_loop):
+    """The bit of a (USE_TMA, PACK_GQA, ONE_LOOP) choice in the forward's `choices` mask."""
+    return 1 << list(_FWD_CHOICES.values()).index((use_tma, pack_gqa, one_loop))
 
 
 def _tma_aligned(x):
@@ -595,9 +625,9 @@ def _tma_aligned(x):
 def _fwd_choices(k, v, group):
     """(bit mask of the forward choices to try, the choice the interpreter runs).
 
-    Bit 2 * USE_TMA + PACK_GQA of the mask is set for each (USE_TMA, PACK_GQA) choice of
-    _FWD_CHOICES that this device and these inputs allow. The mask is an argument of the kernel
-    and part of its autotune key, so inputs that allow other choices are tuned apart.
+    The mask has _choice_bit set for each choice of _FWD_CHOICES that this device and these
+    inputs allow. It is an argument of the kernel and part of its autotune key, so inputs that
+    allow other choices are tuned apart.
     """
     forced = os.environ.get("FASTTRAIN_ATTN_FWD", "auto")
     if forced != "auto" and forced not in _FWD_CHOICES:
@@ -613,16 +643,16 @@ def _fwd_choices(k, v, group):
                              f"{k.element_size()} bytes per element); use pointer or pack")
         return _choice_bit(*_FWD_CHOICES[forced]), _FWD_CHOICES[forced]
     mask = 0
-    for use_tma, pack_gqa in _FWD_CHOICES.values():
+    for use_tma, pack_gqa, one_loop in _FWD_CHOICES.values():
         if (tma or not use_tma) and (group > 1 or not pack_gqa):
-            mask |= _choice_bit(use_tma, pack_gqa)
+            mask |= _choice_bit(use_tma, pack_gqa, one_loop)
     return mask, _FWD_CHOICES["pointer"]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """The forward's prune: the choices that `choices` allows, then the tiles as for the others."""
-    configs = [c for c in configs
-               if named_args["choices"] & _choice_bit(c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"])]
+    configs = [c for c in configs if named_args["choices"] & _choice_bit(
+        c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"])]
     return _prune_configs(_FWD_TILES, "_attn_fwd_kernel")(configs, named_args, **kwargs)
 
 
@@ -719,8 +749,8 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_sca
     choices, interpreted = _fwd_choices(k, v, group)
     meta = _kernel_meta(q, softcap)
     if _interpret():  # no autotuning there: one choice, pointers unless forced
-        meta.update(USE_TMA=interpreted[0], PACK_GQA=interpreted[1])
-    elif q.is_cuda and choices & (_choice_bit(True, False) | _choice_bit(True, True)):
+        meta.update(zip(("USE_TMA", "PACK_GQA", "ONE_LOOP"), interpreted))
+    elif q.is_cuda and any(choices & _choice_bit(*c) for c in _FWD_CHOICES.values() if c[0]):
         _ensure_tma_scratch()
 
     def grid(meta):

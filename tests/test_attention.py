@@ -163,7 +163,7 @@ def _nan_tail(x, dim):
     return view
 
 
-@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma"])
+@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma", "tma+oneloop"])
 @pytest.mark.parametrize("case", CHOICE_DENSE, ids=_id)
 def test_forward_choices_dense(case, choice, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_ATTN_FWD", choice)
@@ -175,7 +175,7 @@ def test_forward_choices_dense(case, choice, monkeypatch):
            q, _nan_tail(k, 1), _nan_tail(v, 1), dout)
 
 
-@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma"])
+@pytest.mark.parametrize("choice", ["tma", "pack", "pack+tma", "tma+oneloop"])
 @pytest.mark.parametrize("case", CHOICE_VARLEN, ids=_id)
 def test_forward_choices_varlen(case, choice, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_ATTN_FWD", choice)
@@ -201,17 +201,19 @@ def test_forward_choices_follow_device_and_alignment(monkeypatch):
         named = {"Q": q, "choices": choices}
         configs = attention._prune_fwd_configs(attention._attn_fwd.configs, named, BLOCK_D=64,
                                                HEAD_DIM=64)
-        return {(c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"]) for c in configs}
+        return {name for name, choice in attention._FWD_CHOICES.items()
+                if any(choice == (c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"])
+                       for c in configs)}
 
     q = torch.empty(1, 64, 8, 64, dtype=torch.float16)
     k = torch.empty(1, 64, 2, 64, dtype=torch.float16)
-    assert kept(q, k, 9) == {(False, False), (True, False), (False, True), (True, True)}
-    assert kept(q, k, 8) == {(False, False), (False, True)}
-    assert kept(q, q, 9) == {(False, False), (True, False)}  # MHA: nothing to pack
+    assert kept(q, k, 9) == {"pointer", "tma", "pack", "pack+tma", "tma+oneloop"}
+    assert kept(q, k, 8) == {"pointer", "pack"}
+    assert kept(q, q, 9) == {"pointer", "tma", "tma+oneloop"}  # MHA: nothing to pack
     odd = torch.empty(1, 64, 2, 68, dtype=torch.float16)[..., 1:65]  # 2-byte aligned base
-    assert kept(q, odd, 9) == {(False, False), (False, True)}
+    assert kept(q, odd, 9) == {"pointer", "pack"}
     narrow = torch.empty(1, 64, 2, 60, dtype=torch.float16)  # 120-byte head stride
-    assert kept(q, narrow, 9) == {(False, False), (False, True)}
+    assert kept(q, narrow, 9) == {"pointer", "pack"}
     monkeypatch.setenv("FASTTRAIN_ATTN_FWD", "tma")
     with pytest.raises(ValueError, match="TMA needs compute capability"):
         kept(q, odd, 9)
@@ -419,4 +421,31 @@ def test_gpu_bf16_varlen(D):
                                                       causal=True, return_lse=True),
                lambda q, k, v, upcast: varlen_attention_ref(q, k, v, cu, cu, causal=True,
                                                             upcast=upcast),
+               q, k, v, dout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", ["pointer", "tma", "pack", "pack+tma", "tma+oneloop"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_forward_choices(choice, varlen, D, monkeypatch):
+    """Each forward choice on its own, whichever the autotuner would pick (TMA needs sm_90)."""
+    if "tma" in choice and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or newer")
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", choice)
+    opts = dict(causal=True, window_size=(700, -1))
+    if not varlen:
+        q, k, v, dout = _inputs((2, 2048, 16, D), (2, 2048, 4, D), torch.bfloat16, "cuda")
+        _gpu_check(lambda q, k, v: flash_attn_func(q, k, v, return_lse=True, **opts),
+                   lambda q, k, v, upcast: attention_ref(q, k, v, upcast=upcast, **opts),
+                   q, k, v, dout)
+        return
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 1500, (8,), generator=g).tolist()
+    cu = _cu(lens).cuda()
+    q, k, v, dout = _inputs((sum(lens), 12, D), (sum(lens), 4, D), torch.bfloat16, "cuda")
+    _gpu_check(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens),
+                                                      return_lse=True, **opts),
+               lambda q, k, v, upcast: varlen_attention_ref(q, k, v, cu, cu, upcast=upcast,
+                                                            **opts),
                q, k, v, dout)
