@@ -12,7 +12,8 @@ So the test suite also compiles every kernel the way a launch on a GPU would:
    autotune config that the launcher's own prune keeps for the target's shared-memory limit;
 3. compile: the front end (source -> Triton IR, milliseconds) for every launch; the whole
    pipeline through ptxas for the chosen ones, reading the cubin back with the cuobjdump that Triton
-   ships: registers, stack, spill stores, shared memory, HGMMA (wgmma), HMMA (mma.sync), TMA.
+   ships: registers, stack, spill stores, shared memory, HGMMA (wgmma), HMMA (mma.sync), TMA; and
+   the number of tt.dot ops in the Triton IR (each inlined copy of a loop brings its own).
 
 A compiled launch passes when it builds, its shared memory fits the target's per-block limit, it
 has no spill stores, and (attention on sm_90) its dots lower to warpgroup MMA. Compiled kernels land
@@ -301,6 +302,7 @@ def resources(kernel):
     for op in _SASS_OPS:
         res[op] = sum(1 for name in ops if name == op)
     res["spill_stores"] = res.pop("STL")  # STL: store to local memory, which only spills use here
+    res["tt_dot"] = len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"]))  # inlined loop copies
     return res
 
 
@@ -396,7 +398,8 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
 
 
 _HEADER = (f"{'arch':5} {'kernel':28} {'case':36} {'config':20} {'regs':>4} {'spill':>5} "
-           f"{'stack':>5} {'shared':>7} {'wgmma':>5} {'hmma':>4} {'tma':>3} {'ldgsts':>6}  result")
+           f"{'stack':>5} {'shared':>7} {'wgmma':>5} {'hmma':>4} {'tma':>3} {'ldgsts':>6} "
+           f"{'dots':>4}  result")
 
 
 def _row(rec):
@@ -406,7 +409,8 @@ def _row(rec):
     verdict = "ok" if not rec["problems"] else "; ".join(rec["problems"])
     return (f"sm_{rec['arch']:<2} {rec['kernel'][:28]:28} {rec['case'][:36]:36} {rec['config']:20} "
             f"{rec['regs']:4} {rec['spill_stores']:5} {rec['stack']:5} {rec['shared']:7} "
-            f"{rec['HGMMA']:5} {rec['HMMA']:4} {rec['UTMALDG']:3} {rec['LDGSTS']:6}  {verdict}")
+            f"{rec['HGMMA']:5} {rec['HMMA']:4} {rec['UTMALDG']:3} {rec['LDGSTS']:6} "
+            f"{rec.get('tt_dot', '-'):>4}  {verdict}")
 
 
 def markdown(results):

@@ -24,6 +24,13 @@ comes from its own kernel over query blocks, so the backward uses no atomics and
 Key blocks that a query block cannot see (causal, window, other documents) are skipped by the
 loop bounds; only blocks that straddle a mask edge compute the mask.
 
+The forward has choices beside its tiles, which its autotuner times against each other on the GPU
+(see _FWD_CHOICES; the environment variable FASTTRAIN_ATTN_FWD=pointer|tma|pack|pack+tma|
+tma+oneloop forces one): key/value tiles by pointer loads or by TMA (sm_90+, tensor descriptors
+that end at each document's end), one query head per program or the `group` query heads of a
+key/value head packed into one program's rows (GQA: each key/value tile read once per group),
+and the main loop as three copies (masked edge, full blocks, masked edge) or as one.
+
 Shapes:   dense   q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)  -> out (B, Tq, Hq, D), lse (B, Hq, Tq)
           varlen  q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens int32 (n_docs + 1,)
                   -> out (total_q, Hq, D), lse (Hq, total_q)
@@ -511,6 +518,9 @@ def _attn_bwd_dq_kernel(
 
 # Autotune choices per target ("sm90": Hopper and newer; "sm80": Ampere, Ada), kernel and head-dim
 # tile (BLOCK_D; 16 and 32 use the 64 choices): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# The forward tries each of its tiles with each of its other choices (_FWD_CHOICES below: TMA
+# loads, GQA head packing, one loop) that the device and inputs allow, each compiled and checked
+# like the tiles themselves.
 # Each was compiled for its target (python -m fasttrain.gpu_compile): none spills registers, and
 # the prune below drops those whose shared memory does not fit the device. Register pressure sets
 # the tiles: one warpgroup (4 warps) holds a BLOCK_M x BLOCK_D fp32 accumulator, so at
@@ -550,13 +560,15 @@ def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
     pipeline stages for the streamed ones: an upper bound of the compiled size (equal to it on
     sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v),
-    with TMA also a barrier per stage and up to 1 KiB of padding that aligns the TMA tiles;
+    with TMA also a barrier per stage and up to 1 KiB of padding that aligns the TMA tiles, and
+    with one loop an fp32 score tile (a layout change around the runtime mask test);
     dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     s = max(config.num_stages, 2)  # one stage still stages a tile for the dots' layout change
     tile = elem_size * head_dim_tile
     if kernel_name == "_attn_fwd_kernel":
-        return tile * (m + 2 * n * s) + (1024 + 16 * s if config.kwargs.get("USE_TMA") else 0)
+        return (tile * (m + 2 * n * s) + (1024 + 16 * s if config.kwargs.get("USE_TMA") else 0)
+                + (4 * m * n if config.kwargs.get("ONE_LOOP") else 0))
     if kernel_name == "_attn_bwd_dq_kernel":
         return tile * (2 * m + 2 * n * s)
     return tile * (2 * n + 2 * m * s) + 16 * m * s

@@ -72,6 +72,25 @@ def test_tier_covers_every_kernel_on_both_targets(tier):
                if r["arch"] == 80 and r.get("dot_rows") and "regs" in r)
 
 
+def test_forward_choices_on_both_targets(tier):
+    """The forward's choices (attention.py, _FWD_CHOICES): TMA configs are kept on sm_90 only and
+    load through TMA there; packed configs only for GQA; one-loop configs inline one copy of the
+    main loop (2 dots in the IR, against 6)."""
+    fwd = [r for r in tier if r["kernel"] == "_attn_fwd_kernel"]
+    for arch in ARCHS:
+        mine = [r for r in fwd if r["arch"] == arch]
+        assert any(r["tile"]["USE_TMA"] for r in mine) == (arch == 90)
+        assert any(r["tile"]["ONE_LOOP"] for r in mine) == (arch == 90)
+        assert any(r["tile"]["PACK_GQA"] for r in mine)
+        assert not any(r["tile"]["PACK_GQA"] for r in mine if r["case"].endswith("Hkv8"))
+    compiled = [r for r in fwd if "regs" in r]
+    assert any(r["tile"]["USE_TMA"] for r in compiled)
+    assert any(r["tile"]["PACK_GQA"] for r in compiled)
+    for r in compiled:
+        assert bool(r["UTMALDG"]) == r["tile"]["USE_TMA"], (r["case"], r["config"])
+        assert r["tt_dot"] == (2 if r["tile"]["ONE_LOOP"] else 6), (r["case"], r["config"])
+
+
 def test_shared_memory_estimate_bounds_the_compiled_size(tier):
     """The autotune prune keeps configs by an estimate: it must never be below what Triton
     allocates, or a device with less shared memory (sm_86: 99 KiB) would get configs that fail."""
