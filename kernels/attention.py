@@ -209,21 +209,33 @@ def _attn_fwd_kernel(
         first = start_m // group  # the tokens [first, first + span) that the rows touch
         span = (start_m + BLOCK_M - 1) // group - first + 1
         rows = (start_m + offs_m) // group  # (BM,) token of each row
-        heads = (h * group + (start_m + offs_m) % group).to(tl.int64)  # (BM,) its query head
-        h_kv = h.to(tl.int64)
+        in_group = (start_m + offs_m) % group  # (BM,) its query head within the group
+        h_q = h * group  # the group's first query head
+        h_kv = h
     else:
         first = start_m
         span = BLOCK_M
         rows = start_m + offs_m
-        heads = h.to(tl.int64)
-        h_kv = heads // group
+        h_q = h
+        h_kv = h // group
     if first >= seqlen_q:
         return
     b = b.to(tl.int64)
-    # int64 offsets: batch * stride and token * stride overflow int32 at real sizes
-    q_rows = Q + b * stride_qb + (q_start + rows) * stride_qt + heads * stride_qh  # (BM,)
-    o_rows = O + b * stride_ob + (q_start + rows) * stride_ot + heads * stride_oh
-    lse_rows = LSE + b * stride_lb + heads * stride_lh + q_start + rows
+    h_q = h_q.to(tl.int64)
+    h_kv = h_kv.to(tl.int64)
+    # int64 base offsets: batch * stride and token * stride overflow int32 at real sizes; the
+    # per-row offsets from there (BM,) stay within a block of rows
+    q_base = Q + b * stride_qb + (q_start + first) * stride_qt + h_q * stride_qh
+    o_base = O + b * stride_ob + (q_start + first) * stride_ot + h_q * stride_oh
+    lse_base = LSE + b * stride_lb + h_q * stride_lh + q_start + first
+    if PACK_GQA:
+        q_offs = (rows - first) * stride_qt + in_group * stride_qh
+        o_offs = (rows - first) * stride_ot + in_group * stride_oh
+        lse_offs = (rows - first) + in_group * stride_lh
+    else:
+        q_offs = offs_m * stride_qt
+        o_offs = offs_m * stride_ot
+        lse_offs = offs_m
     k_src = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
     v_src = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
     if USE_TMA:  # TMA copies of this document's keys/values: (seqlen_k, HEAD_DIM) row-major
@@ -235,7 +247,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     row_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_mask, other=0.0)
+    q = tl.load(q_base + q_offs[:, None] + offs_d[None, :], mask=row_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
@@ -272,8 +284,9 @@ def _attn_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
-    tl.store(o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_mask)
-    tl.store(lse_rows, lse, mask=row_ok)
+    tl.store(o_base + o_offs[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_mask)
+    tl.store(lse_base + lse_offs, lse, mask=row_ok)
 
 
 @triton.jit
