@@ -112,6 +112,41 @@ def test_stages_chain_and_losses_fall(tokenizer_run, corpus, tmp_path, cpu_env):
     assert reply.returncode == 0
 
 
+GOLDEN = ROOT / "tests" / "assets" / "golden_loss.json"
+# A tiny base run, then mid and SFT from it: the losses every step, kept as the golden curves
+GOLDEN_STAGES = {
+    "base": ["base", *TINY, "--depth", 2, "--seq-len", 64, "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 40],
+    "mid": ["mid", *TINY[6:], "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 10, "--mixture-size", 400, "--seq-len", 64],
+    "sft": ["sft", *TINY[6:], "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 30, "--mixture-size", 400, "--seq-len", 64],
+}
+GOLDEN_TAIL, GOLDEN_SLACK = 8, 0.02  # the mean loss of the last 8 steps may be at most 2% above the golden one
+
+
+def test_training_is_not_worse_than_the_golden_curves(tokenizer_run, corpus, tmp_path, cpu_env):
+    """Guards convergence, not only equality: a change that makes training worse (a wrong gradient that
+    still runs, a schedule or data bug) raises the end of a curve. After a change that is meant to move
+    the curves, regenerate them with FASTTRAIN_UPDATE_GOLDEN=1 and give the measured reason in the commit."""
+    run = fresh_run(tokenizer_run, tmp_path)
+    curves = {}
+    for stage, args in GOLDEN_STAGES.items():
+        fasttrain([*args, "--run", run] + (["--data", corpus] if stage == "base" else []), cpu_env)
+        curves[stage] = losses(run, stage)
+    if os.environ.get("FASTTRAIN_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"args": {k: list(map(str, v)) for k, v in GOLDEN_STAGES.items()},
+                                      "losses": curves}, indent=1) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["args"] == {k: list(map(str, v)) for k, v in GOLDEN_STAGES.items()}, \
+        "the golden runs' arguments changed: regenerate the curves (FASTTRAIN_UPDATE_GOLDEN=1)"
+    for stage, curve in curves.items():
+        expected = golden["losses"][stage]
+        assert len(curve) == len(expected), stage
+        tail, golden_tail = (sum(c[-GOLDEN_TAIL:]) / GOLDEN_TAIL for c in (curve, expected))
+        assert tail <= golden_tail * (1 + GOLDEN_SLACK), \
+            f"{stage}: mean loss of the last {GOLDEN_TAIL} steps {tail:.4f} > golden {golden_tail:.4f} + {GOLDEN_SLACK:.0%}"
+        assert curve[0] == pytest.approx(expected[0], rel=0.02), f"{stage}: the first loss moved: {curve[0]} vs {expected[0]}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["base", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["base", "--batch-tokens", "100", "--seq-len", "32"], "must be a multiple of --seq-len"),
