@@ -535,10 +535,13 @@ def _prune_configs(tiles, kernel_name):
                              f"memory on {q.device} at head dim {kwargs['HEAD_DIM']} and dtype "
                              f"{q.dtype}; use bfloat16/float16 or a smaller head dim")
         if q.element_size() == 4:
-            # fp32 is for accuracy, not speed (its dots run on FMA units): one config, no tuning.
-            # The smallest 8-warp tile: 4-warp tiles and the largest ones spill fp32 registers
-            # (python -m fasttrain.gpu_compile --ptxas all --match float32)
-            kept = [min(kept, key=lambda c: (c.num_warps != 8, smem[c]))]
+            # fp32 is for accuracy, not speed: one config, no tuning. Its dots run on FMA units,
+            # where each thread holds its score elements' rows of q and columns of k over the
+            # whole head dim, so at head dim >= 64 every tile spills registers; the fewest score
+            # elements per thread spill least (python -m fasttrain.gpu_compile --ptxas all
+            # --match float32 lists them), then the most warps, then the least shared memory.
+            per_thread = {c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / c.num_warps for c in kept}
+            kept = [min(kept, key=lambda c: (per_thread[c], -c.num_warps, smem[c]))]
         return kept
     return prune
 
@@ -556,12 +559,13 @@ def _autotune(kernel, tiles):
 
 # What the best tile depends on; Triton adds the dtype of every tensor argument. The window sides
 # are not in it: causal (right 0) and unbounded (2**30) compile to one binary (ints divisible by
-# 16), and a window moves the work per block, not which tile does it best, so every window shares
-# one tuning. The disk cache is keyed by a hash of the Triton version, the target (compute
-# capability, ptxas version), the kernel's source and what it calls, this key and the configs the
-# prune kept: a cached choice is always one of the configs this device fits and any source change
-# tunes afresh. The GPU's name is not in it: GPUs of one compute capability sharing a cache dir
-# share choices (each correct, perhaps not the fastest on the other).
+# 16), and a window changes how many key blocks a program visits rather than the per-block work
+# the tiles trade off, so every window shares one tuning (not yet measured on a GPU). The disk
+# cache is keyed by a hash of the Triton version, the target (compute capability, ptxas version),
+# the kernel's source and what it calls, this key and the configs the prune kept: a cached choice
+# is always one of the configs this device fits, and any source change tunes afresh. The GPU's
+# name is not in it: GPUs of one compute capability sharing a cache dir share choices (each
+# correct, perhaps not the fastest on the other).
 _TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "IS_VARLEN", "HAS_SOFTCAP"]
 _attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES)
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)

@@ -80,3 +80,56 @@ def test_warmup_seqlens_reach_every_kernel_variant_with_its_longest_length(max_s
     for n in range(1, max_seqlen + 1):
         longest[(attention._seqlen_bucket(n), n % 16 == 0)] = n
     assert attention.warmup_seqlens(max_seqlen) == sorted(longest.values())
+
+
+# ---- GPU tier: the stall is gone ---------------------------------------------------------------
+
+_TUNE_ONCE = """
+import json, torch
+from fasttrain.kernels import attention, flash_attn_varlen_func
+q, k, v = (torch.randn(4096, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for h in (16, 4, 4))
+cu = torch.arange(0, 4097, 1024, device="cuda", dtype=torch.int32)
+flash_attn_varlen_func(q, k, v, cu, cu, 1024, 1024, causal=True).sum().backward()
+torch.cuda.synchronize()
+print(json.dumps([hasattr(t, "bench_time") for t in  # set only when a key was benchmarked
+                  (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq)]))
+"""
+
+
+@pytest.mark.gpu
+def test_a_second_process_takes_the_tuned_choices_from_disk(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _TUNE_ONCE], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs == [[True] * 3, [False] * 3]
+
+
+@pytest.mark.gpu
+def test_warmup_tunes_every_key_the_training_batches_reach():
+    """After the warm-up, batches of documents of any lengths up to seq_len add no autotune key."""
+    from fasttrain.train import warm_up_kernels, warmup_batches
+    from test_model import tiny
+
+    seq_len, rows = 512, 2
+    model = tiny(head_dim=64, aspect_ratio=64, max_seq_len=seq_len).cuda()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    warm_up_kernels(model, warmup_batches(seq_len, rows), autocast, torch.device("cuda"))
+    tuned = (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq)
+    keys = [set(t.cache) for t in tuned]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lens = []  # every row cut into documents of random lengths
+        for _ in range(rows):
+            cuts = sorted(torch.randint(1, seq_len, (int(torch.randint(0, 6, (1,), generator=gen)),),
+                                        generator=gen).tolist())
+            lens += [b - a for a, b in zip([0, *cuts], [*cuts, seq_len]) if b > a]
+        cu = torch.tensor([0, *lens]).cumsum(0).to("cuda", torch.int32)
+        ids = torch.randint(0, 97, (rows, seq_len), device="cuda")
+        with autocast:
+            model(ids, ids, cu, max(lens)).backward()
+    assert [set(t.cache) for t in tuned] == keys

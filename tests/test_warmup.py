@@ -6,7 +6,7 @@ import torch
 
 from fasttrain.kernels.attention import warmup_seqlens
 from fasttrain.train import TrainConfig, use_warmup, warm_up_kernels, warmup_batches
-from tests.test_compile import _parse, _tiny_model
+from test_compile import _parse, _tiny_model
 
 
 def test_warmup_flag_defaults_by_device():
