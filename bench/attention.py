@@ -173,7 +173,7 @@ def first_call_table(ctx) -> Table:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache)
         for name in ("empty (compile + tune)", "kept from the run above"):
-            res = _first_call_process(shape, env)
+            res = _first_call_process(shape, env, timeout_s=ctx.size(900, 300))
             if isinstance(res, str):
                 table.missing(name, res)
             else:
@@ -184,7 +184,8 @@ def first_call_table(ctx) -> Table:
     return table
 
 
-def _first_call_process(shape: dict, env: dict, timeout_s: float = 900) -> dict | str:
+def _first_call_process(shape: dict, env: dict, timeout_s: float) -> dict | str:
+    """Run _first_call_child in a fresh Python process; its figures, or why there are none."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(env, PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
     code = f"from bench.attention import _first_call_child; _first_call_child({json.dumps(shape)!r})"
