@@ -61,13 +61,15 @@ def fresh_run(tokenizer_run: Path, tmp_path: Path) -> Path:
 
 
 def test_two_ranks_match_one_process(tokenizer_run, corpus, tmp_path, cpu_env):
+    """... with the kernel warm-up on every rank of the two (FSDP's collectives in its backward)."""
     one, two = fresh_run(tokenizer_run, tmp_path / "one"), fresh_run(tokenizer_run, tmp_path / "two")
     args = ["base", *TINY, "--data", corpus, "--max-steps", 4]
     fasttrain(args + ["--run", one], cpu_env)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fasttrain", *map(str, args + ["--run-dir", two])],
+                           "-m", "fasttrain", *map(str, args + ["--run-dir", two, "--warmup-kernels"])],
                           cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("kernels warmed up") == 1  # printed by rank 0
     a, b = losses(one, "base"), losses(two, "base")
     assert len(a) == len(b) == 4
     assert a[-1] < a[0]  # it trains
@@ -92,8 +94,21 @@ def test_kill_and_resume_reproduces_the_loss_curve(tokenizer_run, corpus, tmp_pa
     done = len(losses(killed, "base"))
     assert done < steps, "the run finished before it could be killed; make its steps slower"
 
-    fasttrain(args + ["--run", killed, "--resume"], cpu_env)
+    resumed = fasttrain(args + ["--run", killed, "--resume", "--warmup-kernels"], cpu_env)
+    assert "kernels warmed up" in resumed.stderr
     assert losses(killed, "base") == pytest.approx(losses(straight, "base"), rel=1e-6)
+
+
+def test_kernel_warmup_leaves_the_loss_curve_unchanged(tokenizer_run, corpus, tmp_path, cpu_env):
+    """--warmup-kernels runs forward+backward on dummy batches before the first step and drops the
+    gradients: the loss curve is exactly the one without it, and its time is logged."""
+    args = ["base", *TINY, "--data", corpus, "--max-steps", 3]
+    plain, warmed = fresh_run(tokenizer_run, tmp_path / "a"), fresh_run(tokenizer_run, tmp_path / "b")
+    assert "kernels warmed up" not in fasttrain(args + ["--run", plain], cpu_env).stderr  # off on CPU
+    assert "kernels warmed up" in fasttrain(args + ["--run", warmed, "--warmup-kernels"], cpu_env).stderr
+    assert losses(warmed, "base") == losses(plain, "base")
+    records = [json.loads(l) for l in (warmed / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["warmup_s"] > 0 and "warmup_s" not in records[1]
 
 
 def test_stages_chain_and_losses_fall(tokenizer_run, corpus, tmp_path, cpu_env):
