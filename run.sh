@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 venv=${FASTTRAIN_VENV:-.venv}
 oldest_venv=.venv-triton3.6
-kernel_tests=(tests/test_attention.py tests/test_rope.py tests/test_cross_entropy.py
+kernel_tests=(tests/test_attention.py tests/test_autotune.py tests/test_rope.py tests/test_cross_entropy.py
               tests/test_gpu_compile.py)
 
 # make_venv PATH TRITON NUMPY: create PATH if needed and install what the project needs into it

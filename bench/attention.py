@@ -12,16 +12,29 @@ forward. The plot: forward+backward TFLOP/s against T for the causal MHA cases.
 
 Each case also times the forward's choices side by side ("fwd choices" rows, forward only):
 "fasttrain" (the autotuner's pick) against each choice forced with FASTTRAIN_ATTN_FWD: pointer
-loads, TMA loads, and for GQA the head-packed programs, with pointer or TMA loads.
+loads, TMA loads (also with one copy of the main loop), and for GQA the head-packed programs,
+with pointer or TMA loads.
+
+A second table measures the stall before the first training step at one shape (packed rows,
+varlen, causal, GQA, bf16): the first forward+backward in a fresh process with an empty Triton
+cache (compile + autotune), in a second process with that cache kept (compiled kernels and tuned
+choices read from disk), and the steady-state time, each in its own process.
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Context, Table, add_pass_rows, measure_passes, optional, pass_columns, plot_lines)
+from bench.common import (Context, Table, add_pass_rows, measure_passes, optional, pass_columns, plot_lines,
+                          ratio)
 
 TOKENS = 16384
 WIDTH = 2048
@@ -84,7 +97,7 @@ def _forced(choice: str, fn):
 
 def _add_forward_choices(table, ctx, case, impls, leaves, gqa, flops):
     """Forward-only rows: fasttrain's autotuned forward against each choice forced."""
-    choices = ("pointer", "tma", "pack", "pack+tma") if gqa else ("pointer", "tma")
+    choices = ("pointer", "tma", "tma+oneloop") + (("pack", "pack+tma") if gqa else ())
     timed = {"fasttrain": impls["fasttrain"]}
     timed.update({f"fasttrain {c}": _forced(c, impls["fasttrain"]) for c in choices})
     res = measure_passes(timed, leaves, ctx, passes=("forward",), reps=ctx.size(20, 8, 3))
@@ -177,4 +190,68 @@ def run(ctx: Context) -> list[Table]:
                     plot_lines(ctx, "attention_tflops.png",
                                f"Attention forward+backward, causal, D{head_dims[-1]}, bf16",
                                "sequence length T (B x T fixed)", "TFLOP/s", curve)]
-    return [table]
+    return [table, first_call_table(ctx)]
+
+
+def first_call_table(ctx) -> Table:
+    """First-call time (compile + autotune) against steady state, with a cold and a warm cache."""
+    D = ctx.size(128, 64, 64)
+    shape = {"rows": ctx.size(8, 8, 2), "T": ctx.size(2048, 2048, 128), "H": WIDTH // D,
+             "Hkv": WIDTH // D // 4, "D": D, "device": ctx.device}
+    table = Table(f"Attention first call: varlen causal bf16, {shape['rows']} rows x T {shape['T']}, "
+                  f"H{shape['H']}/{shape['Hkv']} D{D}, forward+backward",
+                  ["Triton cache", "first call s", "steady ms", "first / steady"])
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        for name in ("empty (compile + tune)", "kept from the run above"):
+            res = _first_call_process(shape, env, timeout_s=ctx.size(900, 300))
+            if isinstance(res, str):
+                table.missing(name, res)
+            else:
+                table.add(name, round(res["first_s"], 2), round(res["steady_s"] * 1e3, 3),
+                          ratio(res["first_s"] / res["steady_s"]))
+    table.notes.append("each row a fresh process; steady = median of 10 calls after the first; the "
+                       "tuned choices persist through Triton's autotune disk cache")
+    return table
+
+
+def _first_call_process(shape: dict, env: dict, timeout_s: float) -> dict | str:
+    """Run _first_call_child in a fresh Python process; its figures, or why there are none."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(env, PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    code = f"from bench.attention import _first_call_child; _first_call_child({json.dumps(shape)!r})"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        return f"failed: over {timeout_s:.0f} s"
+    except (ValueError, IndexError):
+        return "failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1][:70]
+
+
+def _first_call_child(shape_json: str):
+    """In a fresh process: seconds of the first forward+backward and the median of the next 10."""
+    from fasttrain.kernels import flash_attn_varlen_func
+
+    s = json.loads(shape_json)
+    tokens = s["rows"] * s["T"]
+    device = torch.device(s["device"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter: no bf16 dots
+    q = torch.randn(tokens, s["H"], s["D"], device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(tokens, s["Hkv"], s["D"], device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    cu = torch.arange(0, tokens + 1, s["T"], device=device, dtype=torch.int32)  # a document per row
+    grad = torch.randn_like(q)
+
+    def call():
+        flash_attn_varlen_func(q, k, v, cu, cu, s["T"], s["T"], causal=True).backward(grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range(11):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"first_s": times[0], "steady_s": statistics.median(times[1:])}))

@@ -65,6 +65,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints of the stage (0 = all)", "range": (0, None)})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many bad steps in a row (non-finite loss or gradients: update skipped; or loss worse than a uniform guess)", "range": (1, None)})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile each block (fullgraph; the kernels stay opaque custom ops); default: on for CUDA; off on CPU, where it measured no clear gain and compiling takes a minute or more (bench/RESULTS.md, End to end (CPU))"})
+    warmup_kernels: bool | None = field(default=None, metadata={"help": "before the first step, run forward+backward once on dummy micro-batches of the training shape, one per document-length variant the kernels compile and autotune for, then drop the gradients (no optimizer step; the loss curve is unchanged), so the first steps do not stall; default: on for CUDA, off on CPU (the PyTorch paths compile nothing)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps", "range": (1, None)})
 
     def __post_init__(self):

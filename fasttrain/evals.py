@@ -117,10 +117,9 @@ def score(correct: int, n: int, match: str) -> dict:
     return {"accuracy": correct / n, "correct": correct, "n": n, "interval": [lo, hi], "match": match}
 
 
-# The identity task's answers that say who the model is. Its test split holds a question whose
-# exact answer ("You are talking to fasttrain's chat model.") is worded like no training answer,
-# so a model that answers it "I am fasttrain's chat model, ..." -- correct -- scored 0% on exact
-# match. Any of these self-descriptions is a right answer to any identity question.
+# The identity task's answers that say who the model is. Its questions are held out whole, and a
+# held-out question may be answered as well by another question's self-description ("Who runs you?"
+# by "I am fasttrain's chat model, ..."): any of them is a right answer to any identity question.
 IDENTITY_ANSWERS = frozenset(normalize(a) for _, a in generated.IdentityTask.PAIRS if "fasttrain" in a)
 
 

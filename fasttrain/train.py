@@ -27,10 +27,11 @@ from torch.distributed.tensor import DTensor
 
 from fasttrain.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from fasttrain.config import TrainConfig  # defined without torch, for the command line
-from fasttrain.data.batch import IGNORE_INDEX
+from fasttrain.data.batch import IGNORE_INDEX, Batch
 from fasttrain.data.loader import PackedLoader
 from fasttrain.data.packing import packing_backend
 from fasttrain.errors import Diverged, Interrupted, RunError, file_system
+from fasttrain.kernels.attention import warmup_seqlens
 from fasttrain.model import GPT, ModelConfig
 from fasttrain.optim import build_optimizers
 from fasttrain.parallel import DistInfo, all_reduce_max, all_reduce_sum, apply_fsdp
@@ -111,6 +112,41 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     minute or more on 2 cores, longer than the short CPU runs (the speedrun's stages, the tests)
     could win back; see bench/RESULTS.md, "End to end (CPU)"."""
     return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
+def use_warmup(cfg: TrainConfig, device: torch.device) -> bool:
+    """--warmup-kernels / --no-warmup-kernels, else on for CUDA, where the Triton kernels compile
+    and autotune on first use, and off on CPU, where the PyTorch paths compile nothing."""
+    return cfg.warmup_kernels if cfg.warmup_kernels is not None else device.type == "cuda"
+
+
+def warmup_batches(seq_len: int, micro_batch: int) -> list[Batch]:
+    """Dummy micro-batches of the training shape (micro_batch, seq_len), one per kernel variant
+    the loader's batches reach: each row cut into documents of n tokens (the last one shorter),
+    for each n of `warmup_seqlens(seq_len)`; every row start is a document start, as in the
+    loader's batches, and every target is scored."""
+    batches = []
+    for n in warmup_seqlens(seq_len):
+        row = [n] * (seq_len // n) + ([seq_len % n] if seq_len % n else [])
+        cu_seqlens = torch.tensor([0] + row * micro_batch).cumsum(0).to(torch.int32)  # (S + 1,)
+        ids = torch.zeros(micro_batch, seq_len, dtype=torch.int64)
+        batches.append(Batch(ids, ids.clone(), cu_seqlens, n))
+    return batches
+
+
+def warm_up_kernels(model, batches: list[Batch], autocast, device: torch.device) -> None:
+    """Forward + backward once on each batch (in the training autocast), then drop the gradients:
+    no optimizer step, and the RNG states are restored, so the training that follows is the
+    same as without it. Under FSDP every rank calls it with the same batches (the backward's
+    collectives)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for b in batches:
+            b = b.to(device)
+            with autocast:
+                model(b.input_ids, b.targets, b.cu_seqlens, b.max_seqlen).backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_model(cfg: ModelConfig, info: DistInfo, seed: int, compile: bool = False) -> GPT:
@@ -226,6 +262,15 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
     worse_than_uniform = math.log(plan.model_config.vocab_size) + 1.0
     bad_in_a_row, bad_total = 0, 0
     last_good = stage.resume_from  # the checkpoint to go back to if the run diverges
+    warmup_s = None  # logged with the first step
+    if use_warmup(cfg, info.device):
+        t0 = time.perf_counter()
+        batches = warmup_batches(cfg.seq_len, cfg.micro_batch)
+        warm_up_kernels(model, batches, autocast, info.device)
+        warmup_s = time.perf_counter() - t0
+        if info.is_main:
+            print(f"{plan.name}: kernels warmed up (compiled and autotuned) on {len(batches)} dummy micro-batches "
+                  f"in {warmup_s:.1f} s", file=sys.stderr, flush=True)
 
     # closing: stops the loader's prefetch thread however the loop ends (a signal, an error)
     with StopSignals() as stop, contextlib.closing(plan.loader):
@@ -265,6 +310,8 @@ def train(cfg: TrainConfig, plan: StagePlan, info: DistInfo, stage: Stage) -> GP
                           **stats.get("metrics", {})}
                 if mfu is not None:
                     record["mfu"] = mfu
+                if warmup_s is not None:
+                    record["warmup_s"], warmup_s = warmup_s, None
                 with file_system(f"cannot write {stage.metrics}"), stage.metrics.open("a") as f:
                     f.write(json.dumps(record, allow_nan=False) + "\n")
                 if step % cfg.log_every == 0 or step == last_step or bad:

@@ -603,13 +603,23 @@ def _prune_configs(tiles, kernel_name):
         q = named_args["Q"]
         major, limit = _device_limits(q.device)
         wanted = tiles["sm90" if major >= 9 else "sm80"][head_dim_tile]
+        smem = {c: _shared_memory_bytes(kernel_name, c, head_dim_tile, q.element_size())
+                for c in configs}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
-                and _shared_memory_bytes(kernel_name, c, head_dim_tile, q.element_size()) <= limit]
+                and smem[c] <= limit]
         if not kept:
             raise ValueError(f"attention: no {kernel_name} tile fits {limit} bytes of shared "
                              f"memory on {q.device} at head dim {kwargs['HEAD_DIM']} and dtype "
                              f"{q.dtype}; use bfloat16/float16 or a smaller head dim")
+        if q.element_size() == 4:
+            # fp32 is for accuracy, not speed: one config, no tuning. Its dots run on FMA units,
+            # where each thread holds its score elements' rows of q and columns of k over the
+            # whole head dim, so at head dim >= 64 every tile spills registers; the fewest score
+            # elements per thread spill least (python -m fasttrain.gpu_compile --ptxas all
+            # --match float32 lists them), then the most warps, then the least shared memory.
+            per_thread = {c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / c.num_warps for c in kept}
+            kept = [min(kept, key=lambda c: (per_thread[c], -c.num_warps, smem[c]))]
         return kept
     return prune
 
@@ -675,8 +685,10 @@ def _fwd_choices(k, v, group):
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
-    """The forward's prune: the choices that `choices` allows, then the tiles as for the others."""
-    configs = [c for c in configs if named_args["choices"] & _choice_bit(
+    """The forward's prune: the choices that `choices` allows (without it, the pointer one),
+    then the tiles as for the other kernels."""
+    allowed = named_args.get("choices", _choice_bit(*_FWD_CHOICES["pointer"]))
+    configs = [c for c in configs if allowed & _choice_bit(
         c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"])]
     return _prune_configs(_FWD_TILES, "_attn_fwd_kernel")(configs, named_args, **kwargs)
 
@@ -700,12 +712,23 @@ def _autotune(kernel, tiles, extra=({},), prune=None, key=None):
                      for shape in choices})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **more}, num_warps=w, num_stages=s)
                for m, n, w, s in shapes for more in extra]  # extra: other constexprs to try
-    return triton.autotune(configs, key=key or _TUNE_KEY, prune_configs_by={
+    # cache_results: each key's timings go to Triton's cache dir (TRITON_CACHE_DIR, default
+    # ~/.triton/cache), so a later process takes the choice without benchmarking; see _TUNE_KEY
+    return triton.autotune(configs, key=key or _TUNE_KEY, cache_results=True, prune_configs_by={
         "early_config_prune": prune or _prune_configs(tiles, kernel.__name__)})(kernel)
 
 
-_TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "window_left", "window_right", "IS_VARLEN",
-             "HAS_SOFTCAP"]
+# What the best tile depends on; Triton adds the dtype of every tensor argument. The window sides
+# are not in it: causal (right 0) and unbounded (2**30) compile to one binary (ints divisible by
+# 16), and a window changes how many key blocks a program visits rather than the per-block work
+# the tiles trade off, so every window shares one tuning (not yet measured on a GPU). The disk
+# cache is keyed by a hash of the Triton version, the target (compute capability, ptxas version),
+# the kernel's source and what it calls, this key and the configs the prune kept: a cached choice
+# is always one of the configs this device fits, and any source change tunes afresh. The GPU's
+# name is not in it: GPUs of one compute capability sharing a cache dir share choices (each
+# correct, perhaps not the fastest on the other). The forward's key adds the mask of the choices
+# its inputs allow (_fwd_choices).
+_TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "IS_VARLEN", "HAS_SOFTCAP"]
 _attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES, extra=_FWD_CONFIG_CHOICES,
                       prune=_prune_fwd_configs, key=_TUNE_KEY + ["choices"])
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)
@@ -736,7 +759,22 @@ def _last_dim_contiguous(x):
 
 
 def _seqlen_bucket(n):
-    return max(16, triton.next_power_of_2(max(n, 1)))
+    # documents up to 64 tokens share a bucket: one block of 64 queries holds any of them
+    return max(64, triton.next_power_of_2(max(n, 1)))
+
+
+def warmup_seqlens(max_seqlen):
+    """Document lengths n <= max_seqlen, the longest of each kernel variant that batches of
+    documents up to max_seqlen tokens reach: one per autotune bucket of the longest document
+    (`_seqlen_bucket`) and, within it, per n % 16 == 0 or not (Triton compiles an int argument
+    divisible by 16 separately). Running the kernels once at each (a training warm-up) compiles
+    and tunes every variant those batches launch. Sorted, e.g. 2048 -> [63, 64, 127, ..., 2048]."""
+    # the longest n of each variant lies within 16 below the top of its bucket (or max_seqlen)
+    tops = {min(2**i, max_seqlen) for i in range(max_seqlen.bit_length() + 1)}
+    longest = {}
+    for n in sorted(n for n in {top - j for top in tops for j in range(16)} if n >= 1):
+        longest[(_seqlen_bucket(n), n % 16 == 0)] = n
+    return sorted(longest.values())
 
 
 def _kernel_meta(q, softcap):

@@ -548,6 +548,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, ignore_
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be (V, C) with C = hidden.shape[-1] = {hidden.shape[-1]}, got {got}")
+    if torch.is_autocast_enabled(hidden.device.type):  # the head's matmul in autocast's dtype, as F.linear's
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) and hidden ({hidden.dtype}, "
                          f"{hidden.device}) must share dtype and device; cast one of them")

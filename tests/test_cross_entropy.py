@@ -210,6 +210,24 @@ def test_linear_only_one_side_requires_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, target), F.cross_entropy(h @ weight.t(), target))
 
 
+def test_linear_under_autocast_computes_as_f_linear_does():
+    """Under autocast the head's matmul runs in autocast's dtype (as F.linear would), fp32 weights and
+    hidden states of mixed dtypes included; gradients come back in the inputs' dtypes."""
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, dtype=torch.bfloat16, requires_grad=True)  # a bf16 activation
+    weight = torch.randn(29, 16, requires_grad=True)  # fp32 master weight
+    target = torch.randint(0, 29, (13,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, target, reduction="sum", chunk_size=5)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), target, reduction="sum")
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    dh_ref, dw_ref = torch.autograd.grad(ref, (hidden, weight))
+    assert (dh.dtype, dw.dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(dh, dh_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw, dw_ref, rtol=2e-2, atol=2e-2)
+
+
 # ---- per-token weights (RL's advantages; SFT's 0/1 mask is the special case) ------------------------
 
 

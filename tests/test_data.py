@@ -86,7 +86,15 @@ def test_tasks_deterministic_and_split():
         train = task.conversations("train", 40)
         assert train == type(task)(**_args(task)).conversations("train", 40)
         assert all(c[0]["role"] == "user" and c[-1]["role"] == "assistant" for c in train)
-        if not isinstance(task, IdentityTask):
+        if isinstance(task, IdentityTask):  # held out by question, whatever greeting comes first
+            def questions(convs):  # the questions asked, greetings taken off
+                greetings = [g for g in task.GREETINGS if g]
+                return {next((t[len(g):] for g in greetings if t.startswith(g)), t).lower()
+                        for t in (c[0]["content"] for c in convs)}
+            held_out = questions(task.conversations("test", 40))
+            assert len(held_out) >= 5 and not held_out & questions(train)
+            assert held_out <= {q.lower() for q, _ in task.PAIRS}
+        else:
             test = task.conversations("test", 10)
             assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in test} or \
                 isinstance(task, (SpellingTask, LetterCountTask)) and \

@@ -57,22 +57,22 @@ def test_normalize():
 
 
 def test_identity_accepts_any_self_description():
-    # the test split's only identity question has an answer worded like no training answer
-    (question, answer), = {(c[0]["content"], c[1]["content"]) for c in IdentityTask().conversations("test", 20)}
+    test = IdentityTask().conversations("test", 200)
     trained = "I am fasttrain's chat model, a small language model trained from scratch with fasttrain."
-    assert trained.strip() != answer  # exact match called a right answer wrong
+    assert {c[1]["content"] for c in test} - {trained}  # held-out questions with answers worded otherwise
+    assert all(evals.normalize(c[1]["content"]) in evals.IDENTITY_ANSWERS for c in test)
     assert evals.normalize(trained) in evals.IDENTITY_ANSWERS
-    assert evals.normalize(answer) in evals.IDENTITY_ANSWERS
     assert evals.normalize("I can spell words, count letters and solve small math problems.") not in evals.IDENTITY_ANSWERS
 
 
-def test_identity_eval_scores_a_right_answer_once(byte_tokenizer, monkeypatch):
-    sets = [s for s in evals.task_sets(_cfg(tasks=["identity"], problems=20), []) if s.name == "identity"]
-    assert len(sets[0].examples) == 1  # twenty draws of one question: one independent item
+def test_identity_eval_scores_each_distinct_question_once(byte_tokenizer, monkeypatch):
+    sets = [s for s in evals.task_sets(_cfg(tasks=["identity"], problems=200), []) if s.name == "identity"]
+    prompts = [c[0]["content"] for c in sets[0].examples]
+    assert len(prompts) == len(set(prompts)) >= 20  # several held-out questions, each in several wordings
     reply = byte_tokenizer.encode("I am fasttrain's chat model, a small language model trained from scratch with fasttrain.")
     monkeypatch.setattr(evals, "generate", lambda *a, **k: reply)
     rows = evals.evaluate_task(None, byte_tokenizer, sets[0], chat=True, few_shot=0)
-    assert rows["identity"]["accuracy"] == 1.0 and rows["identity"]["n"] == 1
+    assert rows["identity"]["accuracy"] == 1.0 and rows["identity"]["n"] == len(prompts)
 
 
 def _cfg(**kw):

@@ -61,13 +61,15 @@ def fresh_run(tokenizer_run: Path, tmp_path: Path) -> Path:
 
 
 def test_two_ranks_match_one_process(tokenizer_run, corpus, tmp_path, cpu_env):
+    """... with the kernel warm-up on every rank of the two (FSDP's collectives in its backward)."""
     one, two = fresh_run(tokenizer_run, tmp_path / "one"), fresh_run(tokenizer_run, tmp_path / "two")
     args = ["base", *TINY, "--data", corpus, "--max-steps", 4]
     fasttrain(args + ["--run", one], cpu_env)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fasttrain", *map(str, args + ["--run-dir", two])],
+                           "-m", "fasttrain", *map(str, args + ["--run-dir", two, "--warmup-kernels"])],
                           cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("kernels warmed up") == 1  # printed by rank 0
     a, b = losses(one, "base"), losses(two, "base")
     assert len(a) == len(b) == 4
     assert a[-1] < a[0]  # it trains
@@ -92,8 +94,21 @@ def test_kill_and_resume_reproduces_the_loss_curve(tokenizer_run, corpus, tmp_pa
     done = len(losses(killed, "base"))
     assert done < steps, "the run finished before it could be killed; make its steps slower"
 
-    fasttrain(args + ["--run", killed, "--resume"], cpu_env)
+    resumed = fasttrain(args + ["--run", killed, "--resume", "--warmup-kernels"], cpu_env)
+    assert "kernels warmed up" in resumed.stderr
     assert losses(killed, "base") == pytest.approx(losses(straight, "base"), rel=1e-6)
+
+
+def test_kernel_warmup_leaves_the_loss_curve_unchanged(tokenizer_run, corpus, tmp_path, cpu_env):
+    """--warmup-kernels runs forward+backward on dummy batches before the first step and drops the
+    gradients: the loss curve is exactly the one without it, and its time is logged."""
+    args = ["base", *TINY, "--data", corpus, "--max-steps", 3]
+    plain, warmed = fresh_run(tokenizer_run, tmp_path / "a"), fresh_run(tokenizer_run, tmp_path / "b")
+    assert "kernels warmed up" not in fasttrain(args + ["--run", plain], cpu_env).stderr  # off on CPU
+    assert "kernels warmed up" in fasttrain(args + ["--run", warmed, "--warmup-kernels"], cpu_env).stderr
+    assert losses(warmed, "base") == losses(plain, "base")
+    records = [json.loads(l) for l in (warmed / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["warmup_s"] > 0 and "warmup_s" not in records[1]
 
 
 def test_stages_chain_and_losses_fall(tokenizer_run, corpus, tmp_path, cpu_env):
@@ -110,6 +125,41 @@ def test_stages_chain_and_losses_fall(tokenizer_run, corpus, tmp_path, cpu_env):
     assert mid_meta["model_config"]["rope_original_len"] == 32 and mid_meta["model_config"]["max_seq_len"] == 64
     reply = fasttrain(["chat", "--run", run, "--prompt", "hello", "--max-new-tokens", 5, "--device", "cpu"], cpu_env)
     assert reply.returncode == 0
+
+
+GOLDEN = ROOT / "tests" / "assets" / "golden_loss.json"
+# A tiny base run, then mid and SFT from it: the losses every step, kept as the golden curves
+GOLDEN_STAGES = {
+    "base": ["base", *TINY, "--depth", 2, "--seq-len", 64, "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 40],
+    "mid": ["mid", *TINY[6:], "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 10, "--mixture-size", 400, "--seq-len", 64],
+    "sft": ["sft", *TINY[6:], "--batch-tokens", 2048, "--micro-batch", 8, "--max-steps", 30, "--mixture-size", 400, "--seq-len", 64],
+}
+GOLDEN_TAIL, GOLDEN_SLACK = 8, 0.02  # the mean loss of the last 8 steps may be at most 2% above the golden one
+
+
+def test_training_is_not_worse_than_the_golden_curves(tokenizer_run, corpus, tmp_path, cpu_env):
+    """Guards convergence, not only equality: a change that makes training worse (a wrong gradient that
+    still runs, a schedule or data bug) raises the end of a curve. After a change that is meant to move
+    the curves, regenerate them with FASTTRAIN_UPDATE_GOLDEN=1 and give the measured reason in the commit."""
+    run = fresh_run(tokenizer_run, tmp_path)
+    curves = {}
+    for stage, args in GOLDEN_STAGES.items():
+        fasttrain([*args, "--run", run] + (["--data", corpus] if stage == "base" else []), cpu_env)
+        curves[stage] = losses(run, stage)
+    if os.environ.get("FASTTRAIN_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"args": {k: list(map(str, v)) for k, v in GOLDEN_STAGES.items()},
+                                      "losses": curves}, indent=1) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["args"] == {k: list(map(str, v)) for k, v in GOLDEN_STAGES.items()}, \
+        "the golden runs' arguments changed: regenerate the curves (FASTTRAIN_UPDATE_GOLDEN=1)"
+    for stage, curve in curves.items():
+        expected = golden["losses"][stage]
+        assert len(curve) == len(expected), stage
+        tail, golden_tail = (sum(c[-GOLDEN_TAIL:]) / GOLDEN_TAIL for c in (curve, expected))
+        assert tail <= golden_tail * (1 + GOLDEN_SLACK), \
+            f"{stage}: mean loss of the last {GOLDEN_TAIL} steps {tail:.4f} > golden {golden_tail:.4f} + {GOLDEN_SLACK:.0%}"
+        assert curve[0] == pytest.approx(expected[0], rel=0.02), f"{stage}: the first loss moved: {curve[0]} vs {expected[0]}"
 
 
 @pytest.mark.parametrize("args, message", [
