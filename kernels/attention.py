@@ -230,12 +230,8 @@ def _attn_fwd_kernel(
     lse_base = LSE + b * stride_lb + h_q * stride_lh + q_start + first
     if PACK_GQA:
         q_offs = (rows - first) * stride_qt + in_group * stride_qh
-        o_offs = (rows - first) * stride_ot + in_group * stride_oh
-        lse_offs = (rows - first) + in_group * stride_lh
     else:
         q_offs = offs_m * stride_qt
-        o_offs = offs_m * stride_ot
-        lse_offs = offs_m
     k_src = K + b * stride_kb + k_start * stride_kt + h_kv * stride_kh
     v_src = V + b * stride_vb + k_start * stride_vt + h_kv * stride_vh
     if USE_TMA:  # TMA copies of this document's keys/values: (seqlen_k, HEAD_DIM) row-major
@@ -284,6 +280,13 @@ def _attn_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
+    if PACK_GQA:  # computed here rather than held in registers through the loops
+        in_group = (start_m + offs_m) % group
+        o_offs = (rows - first) * stride_ot + in_group * stride_oh
+        lse_offs = (rows - first) + in_group * stride_lh
+    else:
+        o_offs = offs_m * stride_ot
+        lse_offs = offs_m
     tl.store(o_base + o_offs[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_mask)
     tl.store(lse_base + lse_offs, lse, mask=row_ok)
@@ -633,7 +636,8 @@ def _prune_configs(tiles, kernel_name):
 #                only for k/v whose data pointer and strides are 16-byte aligned.
 #   pack         GQA head packing: one program per key/value head takes the `group` query heads
 #                that share it (rows = tokens x heads), so each key/value tile is read once per
-#                group instead of once per query head. Tried only when group > 1.
+#                group instead of once per query head. Tried only when group > 1 and the head
+#                dim is at most 128 (at 256 its per-row indices tip configs into spills).
 #   pack+tma     both.
 #   tma+oneloop  TMA with one copy of the main loop that masks only the edge blocks, behind a
 #                runtime test (a third of the code: 2 dots in the kernel's IR instead of 6).
@@ -677,9 +681,10 @@ def _fwd_choices(k, v, group):
                              f"strides (got strides {k.stride()}, {v.stride()}, "
                              f"{k.element_size()} bytes per element); use pointer or pack")
         return _choice_bit(*_FWD_CHOICES[forced]), _FWD_CHOICES[forced]
+    pack = group > 1 and k.shape[-1] <= 128
     mask = 0
     for use_tma, pack_gqa, one_loop in _FWD_CHOICES.values():
-        if (tma or not use_tma) and (group > 1 or not pack_gqa):
+        if (tma or not use_tma) and (pack or not pack_gqa):
             mask |= _choice_bit(use_tma, pack_gqa, one_loop)
     return mask, _FWD_CHOICES["pointer"]
 

@@ -210,6 +210,8 @@ def test_forward_choices_follow_device_and_alignment(monkeypatch):
     assert kept(q, k, 9) == {"pointer", "tma", "pack", "pack+tma", "tma+oneloop"}
     assert kept(q, k, 8) == {"pointer", "pack"}
     assert kept(q, q, 9) == {"pointer", "tma", "tma+oneloop"}  # MHA: nothing to pack
+    wide = torch.empty(1, 64, 2, 256, dtype=torch.float16)  # packing spills at head dim 256
+    assert kept(q, wide, 9) == {"pointer", "tma", "tma+oneloop"}
     odd = torch.empty(1, 64, 2, 68, dtype=torch.float16)[..., 1:65]  # 2-byte aligned base
     assert kept(q, odd, 9) == {"pointer", "pack"}
     narrow = torch.empty(1, 64, 2, 60, dtype=torch.float16)  # 120-byte head stride
