@@ -627,8 +627,9 @@ def _prune_configs(tiles, kernel_name):
     return prune
 
 
-# The forward's other choices, timed by its autotuner against each other at every tile
-# (FASTTRAIN_ATTN_FWD=<name> forces one; unset or "auto" lets the autotuner pick):
+# The forward's other choices, timed by its autotuner against the pointer loads at the two leading
+# tiles of each list (FASTTRAIN_ATTN_FWD=<name> forces one, tuned at every tile; unset or "auto"
+# lets the autotuner pick):
 #   pointer      the first design: masked pointer loads, one query head per program, three
 #                copies of the main loop (masked edge, full blocks, masked edge).
 #   tma          key/value tiles by TMA (tensor descriptors built in the kernel, one per
@@ -692,10 +693,23 @@ def _fwd_choices(k, v, group):
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """The forward's prune: the choices that `choices` allows (without it, the pointer one),
     then the tiles as for the other kernels."""
-    allowed = named_args.get("choices", _choice_bit(*_FWD_CHOICES["pointer"]))
+    pointer = _choice_bit(*_FWD_CHOICES["pointer"])
+    allowed = named_args.get("choices", pointer)
     configs = [c for c in configs if allowed & _choice_bit(
         c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"])]
-    return _prune_configs(_FWD_TILES, "_attn_fwd_kernel")(configs, named_args, **kwargs)
+    kept = _prune_configs(_FWD_TILES, "_attn_fwd_kernel")(configs, named_args, **kwargs)
+    if allowed & (allowed - 1) == 0:  # one choice (forced, or the only one allowed): every tile
+        return kept
+    # Several choices: the pointer loads at every tile, the other designs at the two leading tiles
+    # that fit, so a key compiles at most 4 + 4 x 2 configs instead of 4 x 5 before a GPU has
+    # measured which designs to keep
+    def tile(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+    major, _ = _device_limits(named_args["Q"].device)
+    order = _FWD_TILES["sm90" if major >= 9 else "sm80"][max(64, kwargs["BLOCK_D"])]
+    leading = sorted({tile(c) for c in kept}, key=order.index)[:2]
+    return [c for c in kept if tile(c) in leading or _choice_bit(
+        c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"]) == pointer]
 
 
 def _tma_scratch(size, alignment, stream):

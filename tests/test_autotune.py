@@ -74,6 +74,34 @@ def test_each_target_head_dim_and_dtype_keeps_a_small_fitting_list(arch, dtype, 
                 assert len(kept) <= 4, (name, head_dim, shapes)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_forward_designs_add_at_most_two_tiles_each(head_dim, monkeypatch):
+    """With every forward design allowed (sm_90, GQA, aligned), the pointer loads keep their table and
+    each other design is timed at the two leading tiles that fit; forced, a design gets every tile."""
+    monkeypatch.setattr(attention, "_device_limits", lambda device: (9, SHARED_MEMORY_LIMIT[90]))
+    q = torch.empty(1, 64, 8, head_dim, dtype=torch.bfloat16)
+    k = torch.empty(1, 64, 2, head_dim, dtype=torch.bfloat16)
+    meta = attention._kernel_meta(q, 0.0)
+    table = attention._FWD_TILES["sm90"][head_dim]
+
+    def kept():
+        choices, _ = attention._fwd_choices(k, k, 4)
+        configs = attention._prune_fwd_configs(attention._attn_fwd.configs, {"Q": q, "choices": choices}, **meta)
+        by_design = {}
+        for c in configs:
+            design = (c.kwargs["USE_TMA"], c.kwargs["PACK_GQA"], c.kwargs["ONE_LOOP"])
+            by_design.setdefault(design, []).append((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+        return by_design
+
+    by_design = kept()
+    pointer = attention._FWD_CHOICES["pointer"]
+    assert sorted(by_design.pop(pointer), key=table.index) == table
+    assert len(by_design) == (4 if head_dim <= 128 else 2)  # packing is not tried at 256
+    assert all(sorted(tiles, key=table.index) == table[:2] for tiles in by_design.values()), by_design
+    monkeypatch.setenv("FASTTRAIN_ATTN_FWD", "tma")
+    assert sorted(kept()[attention._FWD_CHOICES["tma"]], key=table.index) == table
+
+
 @pytest.mark.parametrize("max_seqlen", [1, 15, 16, 40, 64, 65, 100, 1000, 2048, 3000])
 def test_warmup_seqlens_reach_every_kernel_variant_with_its_longest_length(max_seqlen):
     """Brute force over every longest-document length a batch can have: the warm-up lengths are
