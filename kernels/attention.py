@@ -24,6 +24,15 @@ comes from its own kernel over query blocks, so the backward uses no atomics and
 Key blocks that a query block cannot see (causal, window, other documents) are skipped by the
 loop bounds; only blocks that straddle a mask edge compute the mask.
 
+Two backward paths: "split" (the two kernels above: 7 dots per (key block, query block) pair,
+bit-reproducible) and "fused" (_attn_bwd_fused_kernel: 5 dots per pair, s and dp computed once;
+one program per key block and query head, optionally splitting the query blocks over programs;
+dq, and dk/dv under GQA or a split, summed with fp32 atomics, so not bit-reproducible). Which
+runs: deterministic=True always takes "split"; otherwise the environment variable
+FASTTRAIN_ATTN_BACKWARD=fused|split, read when flash_attn_func / flash_attn_varlen_func is called
+(under torch.compile: when it traces), else the device's entry of _BACKWARD_PATH, which stays
+"split" until a GPU of that kind has measured both (bench/attention.py).
+
 Shapes:   dense   q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)  -> out (B, Tq, Hq, D), lse (B, Hq, Tq)
           varlen  q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens int32 (n_docs + 1,)
                   -> out (total_q, Hq, D), lse (Hq, total_q)
@@ -452,6 +461,138 @@ def _attn_bwd_dq_kernel(
              mask=mask)
 
 
+@triton.jit
+def _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
+                 stride_dot, stride_dqt, start_n, lo, hi, diag, window_left, window_right,
+                 seqlen_q, seqlen_k, scale_in, scale_out,
+                 MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    # _dkdv_inner's four dots plus dq: each (key block, query block) pair is visited once, so
+    # its dq share ds' k (BM, D) is added into the fp32 dq buffer with atomics.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot \
+        + offs_d[None, :]
+    dq_ptrs = dq_base + lo.to(tl.int64) * stride_dqt + offs_m[:, None] * stride_dqt \
+        + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        row_ok = start_m + offs_m < seqlen_q
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        lse = tl.load(lse_base + start_m + offs_m, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_base + start_m + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM)
+        if HAS_SOFTCAP:
+            t_t = _tanh(s_t * scale_in)
+            s_t = t_t * scale_out
+        else:
+            s_t = s_t * scale_out
+        p_t = tl.exp2(s_t - lse[None, :])  # lse = +inf (row saw no key) gives 0
+        if MASK:  # the forward's mask, transposed: keys are rows here
+            d = (start_m + offs_m)[None, :] + diag
+            j = offs_n[:, None]
+            visible = (j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right)
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        ds_t = ds_t.to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=PREC)
+        # keys past seqlen_k load as zero rows of k, so they add nothing to dq
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC)  # (BM, D), unscaled
+        tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+        dq_ptrs += BLOCK_M * stride_dqt
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(
+    # pointers; DQ is an fp32 accumulator (zeroed); DK/DV too when ATOMIC_KV
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K,
+    # sizes
+    seqlen_q, seqlen_k, n_splits, group, window_left, window_right, sm_scale, scale_in,
+    scale_out, seqlen_bucket,
+    # strides (batch, token, head); dk/dv share one layout, as do q/dout
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    stride_vh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_dkb, stride_dkt, stride_dkh, stride_lb, stride_lh,
+    # meta
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, query head, share of the query blocks), batch row: dk, dv
+    and dq from 5 dots per tile pair. With ATOMIC_KV (GQA, or the query blocks split over
+    n_splits programs) dk/dv are partial sums, added with atomics into fp32 buffers."""
+    start_n = tl.program_id(0) * BLOCK_N
+    h = tl.program_id(1) // n_splits
+    split = tl.program_id(1) % n_splits
+    b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
+                                                       IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    h_kv = h // group
+    key_row = k_start + start_n
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, BLOCK_M, -diag, window_right,
+                                            window_left, seqlen_q)
+    # this program's share: an equal number of query blocks from [lo, hi)
+    share = tl.cdiv(hi - lo, BLOCK_M * n_splits) * BLOCK_M
+    my_lo = lo + split * share
+    my_hi = tl.minimum(my_lo + share, hi)
+    q_base = Q + b * stride_qb + q_start * stride_qt + h * stride_qh
+    do_base = DO + b * stride_dob + q_start * stride_dot + h * stride_doh
+    dq_base = DQ + b * stride_dqb + q_start * stride_dqt + h * stride_dqh
+    lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+    delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(lo, my_lo),
+                          tl.minimum(full_lo, my_hi), diag, window_left, window_right, seqlen_q,
+                          seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M,
+                          BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_lo, my_lo),
+                          tl.minimum(full_hi, my_hi), diag, window_left, window_right, seqlen_q,
+                          seqlen_k, scale_in, scale_out, False, HAS_SOFTCAP, PREC, BLOCK_M,
+                          BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_hi, my_lo),
+                          tl.minimum(hi, my_hi), diag, window_left, window_right, seqlen_q,
+                          seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M,
+                          BLOCK_N, BLOCK_D, HEAD_DIM)
+
+    dk = dk * sm_scale
+    out_ptrs = (b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
+                + offs_n[:, None] * stride_dkt + offs_d[None, :])
+    if ATOMIC_KV:
+        tl.atomic_add(DK + out_ptrs, dk, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(DV + out_ptrs, dv, mask=kv_mask, sem="relaxed")
+    else:
+        tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host launchers: autotuning, checks, allocation, grids
 # ----------------------------------------------------------------------------------------------
@@ -493,6 +634,19 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
              256: [(32, 16, 8, 2), (32, 16, 4, 1), (64, 16, 8, 2)]},
 }
 
+_FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step (to be tuned)
+    "sm90": {64: [(64, 64, 4, 2), (64, 128, 8, 2)],
+             128: [(64, 64, 8, 2), (64, 128, 8, 2)],
+             256: [(16, 32, 8, 1)]},
+    "sm80": {64: [(64, 64, 4, 2)],
+             128: [(64, 64, 8, 2)],
+             256: [(16, 32, 8, 1)]},
+}
+# Which backward runs unless deterministic=True or FASTTRAIN_ATTN_BACKWARD says otherwise: the
+# split kernels until a GPU of that kind has measured the fused one against them (bench/attention.py).
+_BACKWARD_PATH = {"sm90": "split", "sm80": "split"}
+_BACKWARD_PATHS = ("split", "fused")
+
 
 def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
@@ -516,6 +670,14 @@ def _device_limits(device):
         return 9, 232_448  # only reached when compiling for a GPU this machine lacks (sm_90)
     props = torch.cuda.get_device_properties(device)
     return props.major, props.shared_memory_per_block_optin
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (an H100/H200's 132 elsewhere)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _prune_configs(tiles, kernel_name):
@@ -550,8 +712,10 @@ _TUNE_KEY = ["HEAD_DIM", "seqlen_bucket", "window_left", "window_right", "IS_VAR
 _attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES)
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)
 _attn_bwd_dq = _autotune(_attn_bwd_dq_kernel, _DQ_TILES)
+_attn_bwd_fused = _autotune(_attn_bwd_fused_kernel, _FUSED_TILES)
 # The interpreter is too slow to autotune; unequal blocks there exercise every mask edge.
-_INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32)}
+_INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32),
+                     _attn_bwd_fused: (32, 64)}
 
 
 def _interpret():
@@ -623,14 +787,11 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_sca
 
 
 def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_left, window_right, softcap):
+                     softmax_scale, window_left, window_right, softcap, path="split"):
+    """(dq, dk, dv); path "split" (dk/dv and dq kernels, deterministic) or "fused"."""
     varlen = cu_q is not None
     dout, q, k, v = (_last_dim_contiguous(x) for x in (dout, q, k, v))
     n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
-    new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
-    dq = new(q.shape, device=q.device, dtype=q.dtype)
-    dk = new(k.shape, device=k.device, dtype=k.dtype)
-    dv = new(v.shape, device=v.device, dtype=v.dtype)
     delta = torch.empty_like(lse)
     if varlen:
         batch, lse_strides = cu_q.shape[0] - 1, (0, lse.stride(0))
@@ -646,6 +807,13 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
         out, dout, delta, cu_q, max_seqlen_q, *_strides(out, varlen), *_strides(dout, varlen),
         *lse_strides, IS_VARLEN=varlen, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=block_pre)
+    if path == "fused":
+        return _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes,
+                               tail, meta, softmax_scale)
+    new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
+    dq = new(q.shape, device=q.device, dtype=q.dtype)
+    dk = new(k.shape, device=k.device, dtype=k.dtype)
+    dv = new(v.shape, device=v.device, dtype=v.dtype)
     _launch(_attn_bwd_dkdv,
             lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), n_heads_kv, batch),
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes, n_heads_kv,
@@ -659,6 +827,48 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
             *_strides(v, varlen), *_strides(dout, varlen), *_strides(dq, varlen), *lse_strides,
             **meta)
     return dq, dk, dv
+
+
+# The fused backward splits a key block's query blocks over several programs when the grid has
+# fewer programs than the GPU has SMs, but gives each at least this many queries.
+_FUSED_MIN_QUERIES = 512
+
+
+def _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes, tail,
+                    meta, softmax_scale):
+    """dq, dk, dv from _attn_bwd_fused_kernel, one program per key block and QUERY head.
+
+    dq is summed over key blocks with fp32 atomics into a zeroed (like q) buffer, then scaled
+    and cast. dk/dv: with one query head per key/value head and the query blocks not split, each
+    program owns its rows and stores them; otherwise (GQA, split) the programs that share rows
+    add fp32 partial sums with atomics into zeroed buffers of k's shape, cast afterwards. Atomics
+    rather than per-query-head buffers summed afterwards: the extra memory stays the size of k
+    and v whatever the group, and each row gets only group x splits adds, once per program.
+    Zeroed buffers keep varlen tokens outside the documents at zero gradients.
+    """
+    varlen = meta["IS_VARLEN"]  # cu_q is a placeholder tensor when dense
+    n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
+    group = n_heads_q // n_heads_kv
+    max_seqlen_q, max_seqlen_k = sizes
+    # splits from the grid at 128-key blocks (the tile does not change the choice)
+    programs = triton.cdiv(max_seqlen_k, 128) * n_heads_q * batch
+    n_splits = max(1, min(triton.cdiv(_sm_count(q.device), programs),
+                          max_seqlen_q // _FUSED_MIN_QUERIES))
+    atomic_kv = group > 1 or n_splits > 1
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    if atomic_kv:
+        dk, dv = (torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (k, v))
+    else:
+        new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
+        dk, dv = (new(x.shape, device=x.device, dtype=x.dtype) for x in (k, v))
+    _launch(_attn_bwd_fused,
+            lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), n_heads_q * n_splits, batch),
+            q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, *sizes, n_splits, group,
+            *tail, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(dout, varlen), *_strides(dq_acc, varlen), *_strides(dk, varlen),
+            *lse_strides, ATOMIC_KV=atomic_kv, **meta)
+    dq = (dq_acc * softmax_scale).to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -713,6 +923,21 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
                             f"host sync), got {n!r}")
 
 
+@torch.compiler.assume_constant_result  # traced once, as a constant: no graph break
+def _backward_path(device, deterministic):
+    """Which Triton backward the ops run: "split" when deterministic, else the env var
+    FASTTRAIN_ATTN_BACKWARD when set, else this device's entry of _BACKWARD_PATH."""
+    if deterministic:
+        return "split"
+    path = os.environ.get("FASTTRAIN_ATTN_BACKWARD", "")
+    if path:
+        if path not in _BACKWARD_PATHS:
+            raise ValueError(f"FASTTRAIN_ATTN_BACKWARD={path!r}: use one of {_BACKWARD_PATHS} "
+                             "or leave it unset")
+        return path
+    return _BACKWARD_PATH["sm90" if _device_limits(device)[0] >= 9 else "sm80"]
+
+
 def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
     """Validated (softmax_scale, window_left, window_right, softcap) for the kernels."""
     if dropout_p != 0.0:
@@ -736,8 +961,8 @@ def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
 
 @torch.library.custom_op("fasttrain::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                    window_left: int, window_right: int, softcap: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    window_left: int, window_right: int, softcap: float,
+                    backward_path: str = "split") -> tuple[torch.Tensor, torch.Tensor]:
     args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
     if q.is_cuda or _interpret():
         return _triton_forward(q, k, v, *args)
@@ -747,11 +972,11 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
 @torch.library.custom_op("fasttrain::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, softmax_scale: float, window_left: int,
-                    window_right: int, softcap: float
+                    window_right: int, softcap: float, backward_path: str = "split"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
     if q.is_cuda or _interpret():
-        return _triton_backward(dout, q, k, v, out, lse, *args)
+        return _triton_backward(dout, q, k, v, out, lse, *args, backward_path)
     return _reference_backward(dout, q, k, v, out, lse, *args)
 
 
@@ -759,8 +984,8 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 def _flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           window_left: int, window_right: int, softcap: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           window_left: int, window_right: int, softcap: float,
+                           backward_path: str = "split") -> tuple[torch.Tensor, torch.Tensor]:
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
             window_right, softcap)
     if q.is_cuda or _interpret():
@@ -773,12 +998,13 @@ def _flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           window_left: int, window_right: int, softcap: float
+                           window_left: int, window_right: int, softcap: float,
+                           backward_path: str = "split"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
             window_right, softcap)
     if q.is_cuda or _interpret():
-        return _triton_backward(dout, q, k, v, out, lse, *args)
+        return _triton_backward(dout, q, k, v, out, lse, *args, backward_path)
     return _reference_backward(dout, q, k, v, out, lse, *args)
 
 
@@ -1044,25 +1270,27 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), softcap=0.0, return_lse=False):
+                    window_size=(-1, -1), softcap=0.0, return_lse=False, deterministic=False):
     """Attention over q (B, Tq, Hq, D) and k/v (B, Tk, Hkv, D); returns out (B, Tq, Hq, D).
 
     causal is aligned to the bottom-right corner when Tq != Tk; window_size = (left, right)
     with -1 unbounded; softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
     return_lse=True also returns lse (B, Hq, Tq) in fp32 (natural log, no gradient).
+    deterministic=True makes the Triton backward bit-reproducible (the split kernels, no atomics).
     """
     _check_qkv(q, k, v, varlen=False)
     scale, left, right, softcap = _options(q, dropout_p, softmax_scale, causal, window_size,
                                            softcap)
     if q.is_cuda or _interpret() or return_lse:
-        out, lse = torch.ops.fasttrain.flash_attn_fwd(q, k, v, scale, left, right, softcap)
+        out, lse = torch.ops.fasttrain.flash_attn_fwd(q, k, v, scale, left, right, softcap,
+                                                      _backward_path(q.device, deterministic))
         return (out, lse) if return_lse else out
     return _attention_torch(q, k, v, scale, left, right, softcap)  # CPU training path
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, return_lse=False):
+                           softcap=0.0, return_lse=False, deterministic=False):
     """Attention over packed documents that never attend across each other.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D); document d owns tokens
@@ -1080,5 +1308,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return _varlen_causal_torch(q, k, v, cu_seqlens_q, max_seqlen_q, scale)
     out, lse = torch.ops.fasttrain.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-        softcap)
+        softcap, _backward_path(q.device, deterministic))
     return (out, lse) if return_lse else out
