@@ -254,20 +254,26 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                start_n, lo, hi, diag, window_left, window_right, seqlen_q, seqlen_k,
-                scale_in, scale_out,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
+                stride_dot, stride_dqt, start_n, lo, hi, diag, window_left, window_right,
+                seqlen_q, seqlen_k, scale_in, scale_out,
                 MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                WITH_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     # Works on transposed scores (BN, BM) so dk/dv accumulate without transposing them.
     # Query rows past seqlen_q load as zeros (q, dout, lse, delta), which contribute nothing.
+    # WITH_DQ (the fused kernel; dq_base/stride_dqt are None otherwise): each (key block, query
+    # block) pair is visited once, so its dq share ds'^T k (BM, D) is added into the fp32 dq
+    # buffer with atomics; keys past seqlen_k load as zero rows of k and add nothing.
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot \
         + offs_d[None, :]
+    if WITH_DQ:
+        dq_ptrs = dq_base + lo.to(tl.int64) * stride_dqt + offs_m[:, None] * stride_dqt \
+            + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = start_m + offs_m < seqlen_q
         mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -295,6 +301,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+        if WITH_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PREC)  # (BM, D), unscaled
+            tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
+            dq_ptrs += BLOCK_M * stride_dqt
     return dk, dv
 
 
@@ -344,18 +354,18 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + q_row * stride_dot + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, lo, full_lo, diag, window_left, window_right,
-                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
-                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, full_lo, full_hi, diag, window_left,
-                             window_right, seqlen_q, seqlen_k, scale_in, scale_out, False,
-                             HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, full_hi, hi, diag, window_left, window_right,
-                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
-                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
+                             stride_qt, stride_dot, None, start_n, lo, full_lo, diag,
+                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                             True, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
+                             stride_qt, stride_dot, None, start_n, full_lo, full_hi, diag,
+                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                             False, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
+                             stride_qt, stride_dot, None, start_n, full_hi, hi, diag,
+                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                             True, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
 
     dk = dk * sm_scale
     out_off = b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
@@ -462,58 +472,6 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
-                 stride_dot, stride_dqt, start_n, lo, hi, diag, window_left, window_right,
-                 seqlen_q, seqlen_k, scale_in, scale_out,
-                 MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    # _dkdv_inner's four dots plus dq: each (key block, query block) pair is visited once, so
-    # its dq share ds' k (BM, D) is added into the fp32 dq buffer with atomics.
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot \
-        + offs_d[None, :]
-    dq_ptrs = dq_base + lo.to(tl.int64) * stride_dqt + offs_m[:, None] * stride_dqt \
-        + offs_d[None, :]
-    for start_m in range(lo, hi, BLOCK_M):
-        row_ok = start_m + offs_m < seqlen_q
-        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = tl.load(q_ptrs, mask=mask, other=0.0)
-        do = tl.load(do_ptrs, mask=mask, other=0.0)
-        lse = tl.load(lse_base + start_m + offs_m, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(delta_base + start_m + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM)
-        if HAS_SOFTCAP:
-            t_t = _tanh(s_t * scale_in)
-            s_t = t_t * scale_out
-        else:
-            s_t = s_t * scale_out
-        p_t = tl.exp2(s_t - lse[None, :])  # lse = +inf (row saw no key) gives 0
-        if MASK:  # the forward's mask, transposed: keys are rows here
-            d = (start_m + offs_m)[None, :] + diag
-            j = offs_n[:, None]
-            visible = (j < seqlen_k) & (j >= d - window_left) & (j <= d + window_right)
-            p_t = tl.where(visible, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        ds_t = ds_t.to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=PREC)
-        # keys past seqlen_k load as zero rows of k, so they add nothing to dq
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC)  # (BM, D), unscaled
-        tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
-        q_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
-        dq_ptrs += BLOCK_M * stride_dqt
-    return dk, dv
-
-
-@triton.jit
 def _attn_bwd_fused_kernel(
     # pointers; DQ is an fp32 accumulator (zeroed); DK/DV too when ATOMIC_KV
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K,
@@ -566,21 +524,21 @@ def _attn_bwd_fused_kernel(
     dq_base = DQ + b * stride_dqb + q_start * stride_dqt + h * stride_dqh
     lse_base = LSE + b * stride_lb + h * stride_lh + q_start
     delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(lo, my_lo),
-                          tl.minimum(full_lo, my_hi), diag, window_left, window_right, seqlen_q,
-                          seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M,
-                          BLOCK_N, BLOCK_D, HEAD_DIM)
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_lo, my_lo),
-                          tl.minimum(full_hi, my_hi), diag, window_left, window_right, seqlen_q,
-                          seqlen_k, scale_in, scale_out, False, HAS_SOFTCAP, PREC, BLOCK_M,
-                          BLOCK_N, BLOCK_D, HEAD_DIM)
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                          stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_hi, my_lo),
-                          tl.minimum(hi, my_hi), diag, window_left, window_right, seqlen_q,
-                          seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, BLOCK_M,
-                          BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(lo, my_lo),
+                         tl.minimum(full_lo, my_hi), diag, window_left, window_right, seqlen_q,
+                         seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, True, BLOCK_M,
+                         BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_lo, my_lo),
+                         tl.minimum(full_hi, my_hi), diag, window_left, window_right, seqlen_q,
+                         seqlen_k, scale_in, scale_out, False, HAS_SOFTCAP, PREC, True, BLOCK_M,
+                         BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_hi, my_lo),
+                         tl.minimum(hi, my_hi), diag, window_left, window_right, seqlen_q,
+                         seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, True, BLOCK_M,
+                         BLOCK_N, BLOCK_D, HEAD_DIM)
 
     dk = dk * sm_scale
     out_ptrs = (b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
@@ -634,12 +592,17 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
              256: [(32, 16, 8, 2), (32, 16, 4, 1), (64, 16, 8, 2)]},
 }
 
-_FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step (to be tuned)
-    "sm90": {64: [(64, 64, 4, 2), (64, 128, 8, 2)],
-             128: [(64, 64, 8, 2), (64, 128, 8, 2)],
-             256: [(16, 32, 8, 1)]},
-    "sm80": {64: [(64, 64, 4, 2)],
-             128: [(64, 64, 8, 2)],
+# The fused backward holds dk and dv (BLOCK_N x BLOCK_D fp32) across the loop and a dq tile
+# (BLOCK_M x BLOCK_D fp32) in each step: at head dim 128 a 64-query step spills on sm_90 with 4, 8
+# or 16 warps, so the query steps there are 16 or 32 rows and the dq dot runs on mma.sync (the
+# other four on wgmma). At 256 only 32-key tiles fit the registers, on mma.sync as in the split
+# kernels.
+_FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
+    "sm90": {64: [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 64, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2)],
+             256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
+    "sm80": {64: [(64, 64, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
              256: [(16, 32, 8, 1)]},
 }
 # Which backward runs unless deterministic=True or FASTTRAIN_ATTN_BACKWARD says otherwise: the
@@ -652,7 +615,8 @@ def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
     pipeline stages for the streamed ones: an upper bound of the compiled size (equal to it on
     sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v);
-    dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch."""
+    dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch;
+    fused: dkdv's + the dq tile's layout change (fp32) or k's copy for the dq dot + scratch."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     s = max(config.num_stages, 2)  # one stage still stages a tile for the dots' layout change
     tile = elem_size * head_dim_tile
@@ -660,6 +624,9 @@ def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
         return tile * (m + 2 * n * s)
     if kernel_name == "_attn_bwd_dq_kernel":
         return tile * (2 * m + 2 * n * s)
+    if kernel_name == "_attn_bwd_fused_kernel":
+        return (tile * (2 * n + 2 * m * s) + 16 * m * s
+                + max(4 * head_dim_tile * m, tile * n) + 8192)
     return tile * (2 * n + 2 * m * s) + 16 * m * s
 
 
