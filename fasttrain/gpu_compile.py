@@ -398,8 +398,8 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
 
 
 _HEADER = (f"{'arch':5} {'kernel':28} {'case':36} {'config':20} {'regs':>4} {'spill':>5} "
-           f"{'stack':>5} {'shared':>7} {'wgmma':>5} {'hmma':>4} {'tma':>3} {'ldgsts':>6} {'dots':>4}  "
-           f"result")
+           f"{'stack':>5} {'shared':>7} {'wgmma':>5} {'hmma':>4} {'tma':>3} {'ldgsts':>6} "
+           f"{'dots':>4}  result")
 
 
 def _row(rec):
@@ -409,8 +409,8 @@ def _row(rec):
     verdict = "ok" if not rec["problems"] else "; ".join(rec["problems"])
     return (f"sm_{rec['arch']:<2} {rec['kernel'][:28]:28} {rec['case'][:36]:36} {rec['config']:20} "
             f"{rec['regs']:4} {rec['spill_stores']:5} {rec['stack']:5} {rec['shared']:7} "
-            f"{rec['HGMMA']:5} {rec['HMMA']:4} {rec['UTMALDG']:3} {rec['LDGSTS']:6} {rec['dots']:4}  "
-            f"{verdict}")
+            f"{rec['HGMMA']:5} {rec['HMMA']:4} {rec['UTMALDG']:3} {rec['LDGSTS']:6} "
+            f"{rec['dots']:4}  {verdict}")
 
 
 def markdown(results):

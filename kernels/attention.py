@@ -27,8 +27,9 @@ loop bounds; only blocks that straddle a mask edge compute the mask.
 Two backward paths: "split" (the two kernels above: 7 dots per (key block, query block) pair,
 bit-reproducible) and "fused" (_attn_bwd_fused_kernel: 5 dots per pair, s and dp computed once;
 one program per key block and query head, optionally splitting the query blocks over programs;
-dq, and dk/dv under GQA or a split, summed with fp32 atomics, so not bit-reproducible). Which
-runs: deterministic=True always takes "split"; otherwise the environment variable
+dq, and dk/dv under GQA or a split, summed with fp32 atomics, so not bit-reproducible; fp16 and
+bf16 at the head dims _FUSED_TILES covers, other inputs take "split"). Which one runs:
+deterministic=True always takes "split"; otherwise the environment variable
 FASTTRAIN_ATTN_BACKWARD=fused|split, read when flash_attn_func / flash_attn_varlen_func is called
 (under torch.compile: when it traces), else the device's entry of _BACKWARD_PATH, which stays
 "split" until a GPU of that kind has measured both (bench/attention.py).
@@ -593,20 +594,22 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
 }
 
 # The fused backward holds dk and dv (BLOCK_N x BLOCK_D fp32) across the loop and a dq tile
-# (BLOCK_M x BLOCK_D fp32) in each step: at head dim 128 a 64-query step spills on sm_90 with 4, 8
-# or 16 warps, so the query steps there are 16 or 32 rows and the dq dot runs on mma.sync (the
-# other four on wgmma). At 256 only 32-key tiles fit the registers, on mma.sync as in the split
-# kernels.
+# (BLOCK_M x BLOCK_D fp32) in each step, more registers than either split kernel: 64-query steps
+# spill in the register-hungriest variant (varlen + softcap + GQA) at every head dim tried, on
+# sm_90 with 4, 8 or 16 warps, so query steps are 16 or 32 rows and the dq dot (BLOCK_M rows) runs
+# on mma.sync while the other four (BLOCK_N rows) take wgmma on sm_90. At head dim 256 only
+# 32-key tiles fit on sm_90 (mma.sync, as in the split kernels); on sm_80 none fits well, and a
+# head-dim tile missing here runs the split kernels.
 _FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
-    "sm90": {64: [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 64, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2)],
-             256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
-    "sm80": {64: [(64, 64, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+    "sm90": {64: [(32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(16, 64, 8, 2), (16, 64, 8, 3), (16, 128, 8, 1)],
              256: [(16, 32, 8, 1)]},
+    "sm80": {64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+             128: [(16, 64, 8, 2), (16, 32, 8, 2)]},
 }
 # Which backward runs unless deterministic=True or FASTTRAIN_ATTN_BACKWARD says otherwise: the
-# split kernels until a GPU of that kind has measured the fused one against them (bench/attention.py).
+# split kernels until a GPU of that kind has measured the fused one against them
+# (bench/attention.py).
 _BACKWARD_PATH = {"sm90": "split", "sm80": "split"}
 _BACKWARD_PATHS = ("split", "fused")
 
@@ -755,7 +758,8 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_sca
 
 def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                      softmax_scale, window_left, window_right, softcap, path="split"):
-    """(dq, dk, dv); path "split" (dk/dv and dq kernels, deterministic) or "fused"."""
+    """(dq, dk, dv); path "split" (dk/dv and dq kernels, deterministic) or "fused" where it has
+    tiles (see _fused_backward_runs; elsewhere "split")."""
     varlen = cu_q is not None
     dout, q, k, v = (_last_dim_contiguous(x) for x in (dout, q, k, v))
     n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
@@ -774,7 +778,7 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
         out, dout, delta, cu_q, max_seqlen_q, *_strides(out, varlen), *_strides(dout, varlen),
         *lse_strides, IS_VARLEN=varlen, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=block_pre)
-    if path == "fused":
+    if path == "fused" and _fused_backward_runs(q, meta["BLOCK_D"]):
         return _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes,
                                tail, meta, softmax_scale)
     new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
@@ -799,6 +803,18 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
 # The fused backward splits a key block's query blocks over several programs when the grid has
 # fewer programs than the GPU has SMs, but gives each at least this many queries.
 _FUSED_MIN_QUERIES = 512
+
+
+def _target(device):
+    """The tile tables' key for a device: "sm90" (Hopper and newer) or "sm80" (Ampere, Ada)."""
+    return "sm90" if _device_limits(device)[0] >= 9 else "sm80"
+
+
+def _fused_backward_runs(q, block_d):
+    """Whether the fused backward has tiles for these inputs on q's device: 16-bit inputs only
+    (fp32 dots have no tensor cores, and the fused kernel's fp32 tiles spill) and the head-dim
+    tiles in _FUSED_TILES."""
+    return q.dtype != torch.float32 and max(64, block_d) in _FUSED_TILES[_target(q.device)]
 
 
 def _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes, tail,
@@ -834,7 +850,7 @@ def _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, s
             *tail, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(dout, varlen), *_strides(dq_acc, varlen), *_strides(dk, varlen),
             *lse_strides, ATOMIC_KV=atomic_kv, **meta)
-    dq = (dq_acc * softmax_scale).to(q.dtype)
+    dq = dq_acc.mul_(softmax_scale).to(q.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -902,7 +918,7 @@ def _backward_path(device, deterministic):
             raise ValueError(f"FASTTRAIN_ATTN_BACKWARD={path!r}: use one of {_BACKWARD_PATHS} "
                              "or leave it unset")
         return path
-    return _BACKWARD_PATH["sm90" if _device_limits(device)[0] >= 9 else "sm80"]
+    return _BACKWARD_PATH[_target(device)]
 
 
 def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
