@@ -597,15 +597,16 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
 # (BLOCK_M x BLOCK_D fp32) in each step, more registers than either split kernel: 64-query steps
 # spill in the register-hungriest variant (varlen + softcap + GQA) at every head dim tried, on
 # sm_90 with 4, 8 or 16 warps, so query steps are 16 or 32 rows and the dq dot (BLOCK_M rows) runs
-# on mma.sync while the other four (BLOCK_N rows) take wgmma on sm_90. At head dim 256 only
-# 32-key tiles fit on sm_90 (mma.sync, as in the split kernels); on sm_80 none fits well, and a
-# head-dim tile missing here runs the split kernels.
+# on mma.sync while the other four (BLOCK_N rows) take wgmma on sm_90; on sm_80 (mma.sync, fewer
+# registers to spare) 32-query steps spill too. At head dim 256 only 32-key tiles fit on sm_90
+# (mma.sync, as in the split kernels); on sm_80 none fits well, and a head-dim tile missing here
+# runs the split kernels.
 _FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
     "sm90": {64: [(32, 128, 8, 2), (32, 64, 4, 2)],
              128: [(16, 64, 8, 2), (16, 64, 8, 3), (16, 128, 8, 1)],
              256: [(16, 32, 8, 1)]},
-    "sm80": {64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
-             128: [(16, 64, 8, 2), (16, 32, 8, 2)]},
+    "sm80": {64: [(16, 64, 8, 2), (16, 32, 8, 2)],
+             128: [(16, 32, 8, 2)]},
 }
 # Which backward runs unless deterministic=True or FASTTRAIN_ATTN_BACKWARD says otherwise: the
 # split kernels until a GPU of that kind has measured the fused one against them
@@ -1013,6 +1014,7 @@ def _(dout, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
+    # options end with the forward ops' backward_path, which only the backward op reads
     q, k, v, *options = inputs
     tensors = [x for x in options if isinstance(x, torch.Tensor)]  # cu_seqlens for varlen
     ctx.options = [x for x in options if not isinstance(x, torch.Tensor)]
