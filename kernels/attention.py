@@ -310,6 +310,44 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, st
 
 
 @triton.jit
+def _dkdv_ranges(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
+                 stride_dot, stride_dqt, start_n, lo, full_lo, full_hi, hi, diag, window_left,
+                 window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                 HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, WITH_DQ: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """_dkdv_inner over query blocks [lo, hi): masked edge, full blocks, masked edge."""
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, lo, full_lo, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         True, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, full_lo, full_hi, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         False, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, full_hi, hi, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         True, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    return dk, dv
+
+
+@triton.jit
+def _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+               stride_vh, start_n, seqlen_k, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """(k, v, mask): the block's keys and values (BLOCK_N, BLOCK_D), zero past seqlen_k."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, kv_mask
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -334,13 +372,11 @@ def _attn_bwd_dkdv_kernel(
     b = b.to(tl.int64)
     h_kv = h_kv.to(tl.int64)
     key_row = k_start + start_n
+    k, v, kv_mask = _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, start_n, seqlen_k, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -355,18 +391,11 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + q_row * stride_dot + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
-                             stride_qt, stride_dot, None, start_n, lo, full_lo, diag,
-                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
-                             True, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
-                             stride_qt, stride_dot, None, start_n, full_lo, full_hi, diag,
-                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
-                             False, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
-                             stride_qt, stride_dot, None, start_n, full_hi, hi, diag,
-                             window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
-                             True, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_ranges(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
+                              stride_qt, stride_dot, None, start_n, lo, full_lo, full_hi, hi,
+                              diag, window_left, window_right, seqlen_q, seqlen_k, scale_in,
+                              scale_out, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D,
+                              HEAD_DIM)
 
     dk = dk * sm_scale
     out_off = b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
@@ -503,43 +532,36 @@ def _attn_bwd_fused_kernel(
     h = h.to(tl.int64)
     h_kv = h // group
     key_row = k_start + start_n
+    k, v, kv_mask = _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, start_n, seqlen_k, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, BLOCK_M, -diag, window_right,
                                             window_left, seqlen_q)
-    # this program's share: an equal number of query blocks from [lo, hi)
+    # this program's share: an equal number of query blocks from [lo, hi); clipping the four
+    # bounds to it keeps them ordered and block-aligned (an empty share clips all to my_hi)
     share = tl.cdiv(hi - lo, BLOCK_M * n_splits) * BLOCK_M
     my_lo = lo + split * share
     my_hi = tl.minimum(my_lo + share, hi)
+    lo = tl.minimum(tl.maximum(lo, my_lo), my_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, my_lo), my_hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, my_lo), my_hi)
+    hi = my_hi
     q_base = Q + b * stride_qb + q_start * stride_qt + h * stride_qh
     do_base = DO + b * stride_dob + q_start * stride_dot + h * stride_doh
     dq_base = DQ + b * stride_dqb + q_start * stride_dqt + h * stride_dqh
     lse_base = LSE + b * stride_lb + h * stride_lh + q_start
     delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(lo, my_lo),
-                         tl.minimum(full_lo, my_hi), diag, window_left, window_right, seqlen_q,
-                         seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, True, BLOCK_M,
-                         BLOCK_N, BLOCK_D, HEAD_DIM)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_lo, my_lo),
-                         tl.minimum(full_hi, my_hi), diag, window_left, window_right, seqlen_q,
-                         seqlen_k, scale_in, scale_out, False, HAS_SOFTCAP, PREC, True, BLOCK_M,
-                         BLOCK_N, BLOCK_D, HEAD_DIM)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                         stride_qt, stride_dot, stride_dqt, start_n, tl.maximum(full_hi, my_lo),
-                         tl.minimum(hi, my_hi), diag, window_left, window_right, seqlen_q,
-                         seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC, True, BLOCK_M,
-                         BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_ranges(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                          stride_qt, stride_dot, stride_dqt, start_n, lo, full_lo, full_hi, hi,
+                          diag, window_left, window_right, seqlen_q, seqlen_k, scale_in,
+                          scale_out, HAS_SOFTCAP, PREC, True, BLOCK_M, BLOCK_N, BLOCK_D,
+                          HEAD_DIM)
 
     dk = dk * sm_scale
     out_ptrs = (b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
