@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import triton
@@ -54,7 +54,8 @@ SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
 # dots' row counts (the smallest counts): wgmma takes 64 rows per warpgroup, so a tile of fewer
 # rows may use mma.sync. The fused backward's dots have BLOCK_N rows (dk, dv) and BLOCK_M (dq).
 DOT_ROWS = {"_attn_fwd_kernel": ("BLOCK_M",), "_attn_bwd_dq_kernel": ("BLOCK_M",),
-            "_attn_bwd_dkdv_kernel": ("BLOCK_N",), "_attn_bwd_fused_kernel": ("BLOCK_M", "BLOCK_N")}
+            "_attn_bwd_dkdv_kernel": ("BLOCK_N",),
+            "_attn_bwd_fused_kernel": ("BLOCK_M", "BLOCK_N")}
 # SASS instructions counted per kernel: MMA kind, TMA and cp.async copies, spill stores, global
 # loads and stores (how wide the memory access is vectorised shows in their count)
 _SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "STL", "LDG", "STG")
@@ -228,7 +229,7 @@ def _ce_thunk(ce, dtype, vocab, forward, backward, softcap, smoothing, rows=4096
     return thunk
 
 
-LAUNCHES: dict[str, Callable[[int], list]] = {
+LAUNCHES: dict[str, Callable[[int], Iterable[Launch]]] = {
     "attention": attention_launches, "rope": rope_launches, "cross_entropy": cross_entropy_launches}
 
 
