@@ -835,9 +835,10 @@ def _target(device):
 
 def _fused_backward_runs(q, block_d):
     """Whether the fused backward has tiles for these inputs on q's device: 16-bit inputs only
-    (fp32 dots have no tensor cores, and the fused kernel's fp32 tiles spill) and the head-dim
-    tiles in _FUSED_TILES."""
-    return q.dtype != torch.float32 and max(64, block_d) in _FUSED_TILES[_target(q.device)]
+    (fp32 dots have no tensor cores, and the fused kernel's fp32 tiles spill), head dims above
+    16 (at 16 ptxas spills a few registers on sm_80) and the head-dim tiles in _FUSED_TILES."""
+    return (q.dtype != torch.float32 and block_d >= 32
+            and max(64, block_d) in _FUSED_TILES[_target(q.device)])
 
 
 def _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes, tail,
