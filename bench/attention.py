@@ -5,7 +5,9 @@ A fixed ~16k tokens per batch (B * T = 16384), head dims 64 and 128 (width 2048:
 causal and not, MHA and GQA (Hkv = H / 4); and packed short documents (varlen, lengths 32..1024),
 whose FLOPs count only the useful (in-document, causal) work, against SDPA with the equivalent
 block-diagonal causal mask. SDPA is timed per backend (flash, cuDNN, memory-efficient) so its
-best is visible; a backend that refuses a case is a "failed" row.
+best is visible; a backend that refuses a case is a "failed" row. fasttrain's two backward paths
+run side by side: "fasttrain" (the device's default), "fasttrain fused" (FASTTRAIN_ATTN_BACKWARD=
+fused: 5 dots per tile pair, atomics) and "fasttrain deterministic" (the split kernels).
 
 FLOPs: forward = 4 * B * H * Tq * Tk * D (two matmuls), halved when causal; backward = 2.5 x
 forward. The plot: forward+backward TFLOP/s against T for the causal MHA cases.
@@ -66,10 +68,31 @@ def _math_attention(q, k, v, causal):
     return (s.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
 
 
+def _fused_backward(fn):
+    """fn run with FASTTRAIN_ATTN_BACKWARD=fused: the forward call picks the backward it saves."""
+    def call():
+        saved = os.environ.get("FASTTRAIN_ATTN_BACKWARD")
+        os.environ["FASTTRAIN_ATTN_BACKWARD"] = "fused"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["FASTTRAIN_ATTN_BACKWARD"]
+            else:
+                os.environ["FASTTRAIN_ATTN_BACKWARD"] = saved
+    return call
+
+
+def _fasttrain_impls(attend):
+    """fasttrain with the device's default backward, the fused one and the deterministic one."""
+    return {"fasttrain": attend, "fasttrain fused": _fused_backward(attend),
+            "fasttrain deterministic": lambda: attend(deterministic=True)}
+
+
 def _dense_impls(q, k, v, causal, compiled):
     from fasttrain.kernels import flash_attn_func
 
-    impls = {"fasttrain": lambda: flash_attn_func(q, k, v, causal=causal)}
+    impls = _fasttrain_impls(lambda **kw: flash_attn_func(q, k, v, causal=causal, **kw))
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = lambda attend=_sdpa(backend): attend(q, k, v, causal)
     fa = optional("flash_attn")
@@ -130,7 +153,8 @@ def _varlen_case(ctx, H, Hkv, D, seed=0):
     pos = torch.arange(tokens, device=ctx.device)
     # block-diagonal causal mask for SDPA: same document and key not after query
     mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
-    impls = {"fasttrain": lambda: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)}
+    impls = _fasttrain_impls(lambda **kw: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens),
+                                                                 causal=True, **kw))
     fa = optional("flash_attn")
     if fa is not None:
         impls["flash-attn"] = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
@@ -171,7 +195,8 @@ def run(ctx: Context) -> list[Table]:
                     fwd = 4 * B * H * T * T * D / (2 if causal else 1)
                     case = f"B{B} T{T} H{H}/{Hkv} D{D}{' causal' if causal else ''}"
                     add_pass_rows(table, ctx, case, res, _flops(fwd), "TFLOP/s")
-                    _add_forward_choices(table, ctx, case, impls, [q, k, v], Hkv != H, fwd)
+                    if not ctx.quick or T == 4096:  # --quick: the forward's choices at one length
+                        _add_forward_choices(table, ctx, case, impls, [q, k, v], Hkv != H, fwd)
                     if causal and Hkv == H and D == head_dims[-1]:
                         for name, timing in res["forward+backward"].items():
                             if not isinstance(timing, str):

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import triton
@@ -51,10 +51,12 @@ from triton.runtime.jit import create_function_from_signature
 
 # Opt-in maximum of dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
-# Kernels whose dots must lower to warpgroup MMA on sm_90, with the config key that gives the
-# dots' row count: wgmma takes 64 rows per warpgroup, so a tile of fewer rows may use mma.sync.
-DOT_ROWS = {"_attn_fwd_kernel": "BLOCK_M", "_attn_bwd_dq_kernel": "BLOCK_M",
-            "_attn_bwd_dkdv_kernel": "BLOCK_N"}
+# Kernels whose dots must lower to warpgroup MMA on sm_90, with the config keys that give the
+# dots' row counts (the smallest counts): wgmma takes 64 rows per warpgroup, so a tile of fewer
+# rows may use mma.sync. The fused backward's dots have BLOCK_N rows (dk, dv) and BLOCK_M (dq).
+DOT_ROWS = {"_attn_fwd_kernel": ("BLOCK_M",), "_attn_bwd_dq_kernel": ("BLOCK_M",),
+            "_attn_bwd_dkdv_kernel": ("BLOCK_N",),
+            "_attn_bwd_fused_kernel": ("BLOCK_M", "BLOCK_N")}
 # SASS instructions counted per kernel: MMA kind, TMA and cp.async copies, spill stores, global
 # loads and stores (how wide the memory access is vectorised shows in their count)
 _SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "STL", "LDG", "STG")
@@ -106,21 +108,23 @@ def _recording(module, names, sink, arch):
 
 
 def _capture(op, module, names, cases, arch):
-    """[Launch] from running each case's thunk with the module's kernels recorded."""
-    launches = []
+    """Launches from running each case's thunk with the module's kernels recorded, yielded case
+    by case: a case's tensors (the launchers' zeroed buffers take real memory) are freed before
+    the next case runs."""
     for case, representative, thunk in cases:
         sink = []
         with _recording(module, names, sink, arch):
             try:
                 thunk()
                 # the autotuner prunes at launch time, for the device: prune for the target here
-                launches += [Launch(op, case, kernel, args, kwargs, representative,
-                                    configs_of(kernel, args, kwargs))
-                             for kernel, args, kwargs in sink]
+                launches = [Launch(op, case, kernel, args, kwargs, representative,
+                                   configs_of(kernel, args, kwargs))
+                            for kernel, args, kwargs in sink]
             except Exception as e:  # noqa: BLE001 -- the launcher refused: a finding to report
-                launches.append(Launch(op, case, None, (), {}, representative,
-                                       error=f"launcher: {type(e).__name__}: {e}"))
-    return launches
+                launches = [Launch(op, case, None, (), {}, representative,
+                                   error=f"launcher: {type(e).__name__}: {e}")]
+        del sink
+        yield from launches
 
 
 def attention_launches(arch):
@@ -141,7 +145,8 @@ def attention_launches(arch):
                                  or (varlen and softcap and n_heads_kv == 2))
                         cases.append((name, representative, _attention_thunk(
                             attention, dtype, head_dim, varlen, softcap, n_heads_kv)))
-    names = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess_kernel"]
+    names = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_fused",
+             "_attn_bwd_preprocess_kernel"]
     return _capture("attention", attention, names, cases, arch)
 
 
@@ -153,7 +158,8 @@ def _attention_thunk(attention, dtype, head_dim, varlen, softcap, n_heads_kv, ba
         cu = torch.tensor([0, 1000, T, batch * T], dtype=torch.int32) if varlen else None
         options = (cu, cu, T, T, head_dim ** -0.5, attention.UNBOUNDED, 0, softcap)  # causal
         out, lse = attention._triton_forward(q, k, k, *options)
-        attention._triton_backward(torch.empty_like(out), q, k, k, out, lse, *options)
+        for path in ("split", "fused"):  # both backward paths, whatever the device table picks
+            attention._triton_backward(torch.empty_like(out), q, k, k, out, lse, *options, path)
     return thunk
 
 
@@ -224,7 +230,7 @@ def _ce_thunk(ce, dtype, vocab, forward, backward, softcap, smoothing, rows=4096
     return thunk
 
 
-LAUNCHES: dict[str, Callable[[int], list]] = {
+LAUNCHES: dict[str, Callable[[int], Iterable[Launch]]] = {
     "attention": attention_launches, "rope": rope_launches, "cross_entropy": cross_entropy_launches}
 
 
@@ -298,11 +304,12 @@ def resources(kernel):
     ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
     res = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-           "shared": kernel.metadata.shared}
+           "shared": kernel.metadata.shared,
+           # tensor-core matmuls in the Triton IR (the attention kernels: per loop, times loops)
+           "dots": len(re.findall(r"= tt\.dot ", kernel.asm["ttir"]))}
     for op in _SASS_OPS:
         res[op] = sum(1 for name in ops if name == op)
     res["spill_stores"] = res.pop("STL")  # STL: store to local memory, which only spills use here
-    res["tt_dot"] = len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"]))  # inlined loop copies
     return res
 
 
@@ -365,7 +372,8 @@ def run(arch, only=None, ptxas="representative", log=None, match=None):
                        "tile": {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
                                                         "num_stages", *_CHOICE_LABELS)
                                 if k in config},
-                       "dot_rows": config.get(DOT_ROWS.get(fn.__name__))}
+                       "dot_rows": min((config[k] for k in DOT_ROWS.get(fn.__name__, ())),
+                                       default=None)}
                 try:
                     src, options, backend = _source(fn, launch.args, dict(launch.kwargs, **config),
                                                     target)
@@ -410,18 +418,18 @@ def _row(rec):
     return (f"sm_{rec['arch']:<2} {rec['kernel'][:28]:28} {rec['case'][:36]:36} {rec['config']:20} "
             f"{rec['regs']:4} {rec['spill_stores']:5} {rec['stack']:5} {rec['shared']:7} "
             f"{rec['HGMMA']:5} {rec['HMMA']:4} {rec['UTMALDG']:3} {rec['LDGSTS']:6} "
-            f"{rec.get('tt_dot', '-'):>4}  {verdict}")
+            f"{rec['dots']:4}  {verdict}")
 
 
 def markdown(results):
     """Compiled launches as a Markdown table (one row per distinct kernel x case x config)."""
     lines = ["| target | kernel | case | config | registers | spill stores | stack B | shared B "
-             "| HGMMA | HMMA | result |", "|" + "---|" * 11]
+             "| HGMMA | HMMA | TTIR dots | result |", "|" + "---|" * 12]
     for r in results:
         if "regs" in r:
             lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['case']} | {r['config']} | "
                          f"{r['regs']} | {r['spill_stores']} | {r['stack']} | {r['shared']} | "
-                         f"{r['HGMMA']} | {r['HMMA']} | "
+                         f"{r['HGMMA']} | {r['HMMA']} | {r['dots']} | "
                          f"{'; '.join(r['problems']) or 'ok'} |")
     return "\n".join(lines)
 

@@ -31,6 +31,16 @@ that end at each document's end), one query head per program or the `group` quer
 key/value head packed into one program's rows (GQA: each key/value tile read once per group),
 and the main loop as three copies (masked edge, full blocks, masked edge) or as one.
 
+Two backward paths: "split" (the two kernels above: 7 dots per (key block, query block) pair,
+bit-reproducible) and "fused" (_attn_bwd_fused_kernel: 5 dots per pair, s and dp computed once;
+one program per key block and query head, optionally splitting the query blocks over programs;
+dq, and dk/dv under GQA or a split, summed with fp32 atomics, so not bit-reproducible; fp16 and
+bf16 at the head dims _FUSED_TILES covers, other inputs take "split"). Which one runs:
+deterministic=True always takes "split"; otherwise the environment variable
+FASTTRAIN_ATTN_BACKWARD=fused|split, read when flash_attn_func / flash_attn_varlen_func is called
+(under torch.compile: when it traces), else the device's entry of _BACKWARD_PATH, which stays
+"split" until a GPU of that kind has measured both (bench/attention.py).
+
 Shapes:   dense   q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)  -> out (B, Tq, Hq, D), lse (B, Hq, Tq)
           varlen  q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens int32 (n_docs + 1,)
                   -> out (total_q, Hq, D), lse (Hq, total_q)
@@ -320,20 +330,26 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                start_n, lo, hi, diag, window_left, window_right, seqlen_q, seqlen_k,
-                scale_in, scale_out,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
+                stride_dot, stride_dqt, start_n, lo, hi, diag, window_left, window_right,
+                seqlen_q, seqlen_k, scale_in, scale_out,
                 MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                WITH_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     # Works on transposed scores (BN, BM) so dk/dv accumulate without transposing them.
     # Query rows past seqlen_q load as zeros (q, dout, lse, delta), which contribute nothing.
+    # WITH_DQ (the fused kernel; dq_base/stride_dqt are None otherwise): each (key block, query
+    # block) pair is visited once, so its dq share ds'^T k (BM, D) is added into the fp32 dq
+    # buffer with atomics; keys past seqlen_k load as zero rows of k and add nothing.
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot \
         + offs_d[None, :]
+    if WITH_DQ:
+        dq_ptrs = dq_base + lo.to(tl.int64) * stride_dqt + offs_m[:, None] * stride_dqt \
+            + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = start_m + offs_m < seqlen_q
         mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -361,7 +377,49 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if HAS_SOFTCAP:  # d(softcap * tanh(u / softcap)) / du
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+        if WITH_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PREC)  # (BM, D), unscaled
+            tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
+            dq_ptrs += BLOCK_M * stride_dqt
     return dk, dv
+
+
+@triton.jit
+def _dkdv_ranges(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qt,
+                 stride_dot, stride_dqt, start_n, lo, full_lo, full_hi, hi, diag, window_left,
+                 window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                 HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, WITH_DQ: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """_dkdv_inner over query blocks [lo, hi): masked edge, full blocks, masked edge."""
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, lo, full_lo, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         True, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, full_lo, full_hi, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         False, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, start_n, full_hi, hi, diag,
+                         window_left, window_right, seqlen_q, seqlen_k, scale_in, scale_out,
+                         True, HAS_SOFTCAP, PREC, WITH_DQ, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    return dk, dv
+
+
+@triton.jit
+def _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+               stride_vh, start_n, seqlen_k, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """(k, v, mask): the block's keys and values (BLOCK_N, BLOCK_D), zero past seqlen_k."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, kv_mask
 
 
 @triton.jit
@@ -389,13 +447,11 @@ def _attn_bwd_dkdv_kernel(
     b = b.to(tl.int64)
     h_kv = h_kv.to(tl.int64)
     key_row = k_start + start_n
+    k, v, kv_mask = _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, start_n, seqlen_k, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (start_n + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + b * stride_kb + key_row * stride_kt + h_kv * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + key_row * stride_vt + h_kv * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -410,18 +466,11 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + q_row * stride_dot + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, lo, full_lo, diag, window_left, window_right,
-                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
-                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, full_lo, full_hi, diag, window_left,
-                             window_right, seqlen_q, seqlen_k, scale_in, scale_out, False,
-                             HAS_SOFTCAP, PREC, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_dot, start_n, full_hi, hi, diag, window_left, window_right,
-                             seqlen_q, seqlen_k, scale_in, scale_out, True, HAS_SOFTCAP, PREC,
-                             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+        dk, dv = _dkdv_ranges(dk, dv, k, v, q_base, do_base, None, lse_base, delta_base,
+                              stride_qt, stride_dot, None, start_n, lo, full_lo, full_hi, hi,
+                              diag, window_left, window_right, seqlen_q, seqlen_k, scale_in,
+                              scale_out, HAS_SOFTCAP, PREC, False, BLOCK_M, BLOCK_N, BLOCK_D,
+                              HEAD_DIM)
 
     dk = dk * sm_scale
     out_off = b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
@@ -527,6 +576,79 @@ def _attn_bwd_dq_kernel(
              mask=mask)
 
 
+@triton.jit
+def _attn_bwd_fused_kernel(
+    # pointers; DQ is an fp32 accumulator (zeroed); DK/DV too when ATOMIC_KV
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K,
+    # sizes
+    seqlen_q, seqlen_k, n_splits, group, window_left, window_right, sm_scale, scale_in,
+    scale_out, seqlen_bucket,
+    # strides (batch, token, head); dk/dv share one layout, as do q/dout
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    stride_vh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_dkb, stride_dkt, stride_dkh, stride_lb, stride_lh,
+    # meta
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, query head, share of the query blocks), batch row: dk, dv
+    and dq from 5 dots per tile pair. With ATOMIC_KV (GQA, or the query blocks split over
+    n_splits programs) dk/dv are partial sums, added with atomics into fp32 buffers."""
+    start_n = tl.program_id(0) * BLOCK_N
+    h = tl.program_id(1) // n_splits
+    split = tl.program_id(1) % n_splits
+    b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _doc_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k,
+                                                       IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    h_kv = h // group
+    key_row = k_start + start_n
+    k, v, kv_mask = _key_block(K, V, b, key_row, h_kv, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, start_n, seqlen_k, BLOCK_N,
+                               BLOCK_D, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, BLOCK_M, -diag, window_right,
+                                            window_left, seqlen_q)
+    # this program's share: an equal number of query blocks from [lo, hi); clipping the four
+    # bounds to it keeps them ordered and block-aligned (an empty share clips all to my_hi)
+    share = tl.cdiv(hi - lo, BLOCK_M * n_splits) * BLOCK_M
+    my_lo = lo + split * share
+    my_hi = tl.minimum(my_lo + share, hi)
+    lo = tl.minimum(tl.maximum(lo, my_lo), my_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, my_lo), my_hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, my_lo), my_hi)
+    hi = my_hi
+    q_base = Q + b * stride_qb + q_start * stride_qt + h * stride_qh
+    do_base = DO + b * stride_dob + q_start * stride_dot + h * stride_doh
+    dq_base = DQ + b * stride_dqb + q_start * stride_dqt + h * stride_dqh
+    lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+    delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
+    dk, dv = _dkdv_ranges(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+                          stride_qt, stride_dot, stride_dqt, start_n, lo, full_lo, full_hi, hi,
+                          diag, window_left, window_right, seqlen_q, seqlen_k, scale_in,
+                          scale_out, HAS_SOFTCAP, PREC, True, BLOCK_M, BLOCK_N, BLOCK_D,
+                          HEAD_DIM)
+
+    dk = dk * sm_scale
+    out_ptrs = (b * stride_dkb + key_row * stride_dkt + h_kv * stride_dkh
+                + offs_n[:, None] * stride_dkt + offs_d[None, :])
+    if ATOMIC_KV:
+        tl.atomic_add(DK + out_ptrs, dk, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(DV + out_ptrs, dv, mask=kv_mask, sem="relaxed")
+    else:
+        tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host launchers: autotuning, checks, allocation, grids
 # ----------------------------------------------------------------------------------------------
@@ -571,6 +693,27 @@ _DQ_TILES = {  # BLOCK_M: queries per program, BLOCK_N: keys per step
              256: [(32, 16, 8, 2), (32, 16, 4, 1), (64, 16, 8, 2)]},
 }
 
+# The fused backward holds dk and dv (BLOCK_N x BLOCK_D fp32) across the loop and a dq tile
+# (BLOCK_M x BLOCK_D fp32) in each step, more registers than either split kernel: 64-query steps
+# spill in the register-hungriest variant (varlen + softcap + GQA) at every head dim tried, on
+# sm_90 with 4, 8 or 16 warps, so query steps are 16 or 32 rows and the dq dot (BLOCK_M rows) runs
+# on mma.sync while the other four (BLOCK_N rows) take wgmma on sm_90; on sm_80 (mma.sync, fewer
+# registers to spare) 32-query steps spill too. At head dim 256 only 32-key tiles fit on sm_90
+# (mma.sync, as in the split kernels); on sm_80 none fits well, and a head-dim tile missing here
+# runs the split kernels. (16, 128, 8, 1) at 128 builds clean on Triton 3.9 but spills on 3.6.
+_FUSED_TILES = {  # BLOCK_N: keys per program, BLOCK_M: queries per step
+    "sm90": {64: [(32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(16, 64, 8, 2), (16, 64, 8, 3)],
+             256: [(16, 32, 8, 1)]},
+    "sm80": {64: [(16, 64, 8, 2), (16, 32, 8, 2)],
+             128: [(16, 32, 8, 2)]},
+}
+# Which backward runs unless deterministic=True or FASTTRAIN_ATTN_BACKWARD says otherwise: the
+# split kernels until a GPU of that kind has measured the fused one against them
+# (bench/attention.py).
+_BACKWARD_PATH = {"sm90": "split", "sm80": "split"}
+_BACKWARD_PATHS = ("split", "fused")
+
 
 def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     """Shared memory that Triton allocates for a config: the tiles staged for the dots, times the
@@ -578,7 +721,8 @@ def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
     sm_90 for 16-bit inputs), checked by tests/test_gpu_compile.py. fwd: q + stages x (k, v),
     with TMA also a barrier per stage and up to 1 KiB of padding that aligns the TMA tiles, and
     with one loop an fp32 score tile (a layout change around the runtime mask test);
-    dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch."""
+    dq: q, dout + stages x (k, v); dkdv: k, v + stages x (q, dout) + lse/delta and scratch;
+    fused: dkdv's + the dq tile's layout change (fp32) or k's copy for the dq dot + scratch."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     s = max(config.num_stages, 2)  # one stage still stages a tile for the dots' layout change
     tile = elem_size * head_dim_tile
@@ -587,6 +731,9 @@ def _shared_memory_bytes(kernel_name, config, head_dim_tile, elem_size):
                 + (4 * m * n if config.kwargs.get("ONE_LOOP") else 0))
     if kernel_name == "_attn_bwd_dq_kernel":
         return tile * (2 * m + 2 * n * s)
+    if kernel_name == "_attn_bwd_fused_kernel":
+        return (tile * (2 * n + 2 * m * s) + 16 * m * s
+                + max(4 * head_dim_tile * m, tile * n) + 8192)
     return tile * (2 * n + 2 * m * s) + 16 * m * s
 
 
@@ -597,6 +744,14 @@ def _device_limits(device):
         return 9, 232_448  # only reached when compiling for a GPU this machine lacks (sm_90)
     props = torch.cuda.get_device_properties(device)
     return props.major, props.shared_memory_per_block_optin
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (an H100/H200's 132 elsewhere)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _prune_configs(tiles, kernel_name):
@@ -752,8 +907,10 @@ _attn_fwd = _autotune(_attn_fwd_kernel, _FWD_TILES, extra=_FWD_CONFIG_CHOICES,
                       prune=_prune_fwd_configs, key=_TUNE_KEY + ["choices"])
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv_kernel, _DKDV_TILES)
 _attn_bwd_dq = _autotune(_attn_bwd_dq_kernel, _DQ_TILES)
+_attn_bwd_fused = _autotune(_attn_bwd_fused_kernel, _FUSED_TILES)
 # The interpreter is too slow to autotune; unequal blocks there exercise every mask edge.
-_INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32)}
+_INTERPRET_BLOCKS = {_attn_fwd: (64, 32), _attn_bwd_dkdv: (32, 64), _attn_bwd_dq: (64, 32),
+                     _attn_bwd_fused: (32, 64)}
 
 
 def _interpret():
@@ -849,14 +1006,12 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_sca
 
 
 def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_left, window_right, softcap):
+                     softmax_scale, window_left, window_right, softcap, path="split"):
+    """(dq, dk, dv); path "split" (dk/dv and dq kernels, deterministic) or "fused" where it has
+    tiles (see _fused_backward_runs; elsewhere "split")."""
     varlen = cu_q is not None
     dout, q, k, v = (_last_dim_contiguous(x) for x in (dout, q, k, v))
     n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
-    new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
-    dq = new(q.shape, device=q.device, dtype=q.dtype)
-    dk = new(k.shape, device=k.device, dtype=k.dtype)
-    dv = new(v.shape, device=v.device, dtype=v.dtype)
     delta = torch.empty_like(lse)
     if varlen:
         batch, lse_strides = cu_q.shape[0] - 1, (0, lse.stride(0))
@@ -872,6 +1027,13 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
         out, dout, delta, cu_q, max_seqlen_q, *_strides(out, varlen), *_strides(dout, varlen),
         *lse_strides, IS_VARLEN=varlen, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=block_pre)
+    if path == "fused" and _fused_backward_runs(q, meta["BLOCK_D"]):
+        return _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes,
+                               tail, meta, softmax_scale)
+    new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
+    dq = new(q.shape, device=q.device, dtype=q.dtype)
+    dk = new(k.shape, device=k.device, dtype=k.dtype)
+    dv = new(v.shape, device=v.device, dtype=v.dtype)
     _launch(_attn_bwd_dkdv,
             lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), n_heads_kv, batch),
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes, n_heads_kv,
@@ -885,6 +1047,61 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seql
             *_strides(v, varlen), *_strides(dout, varlen), *_strides(dq, varlen), *lse_strides,
             **meta)
     return dq, dk, dv
+
+
+# The fused backward splits a key block's query blocks over several programs when the grid has
+# fewer programs than the GPU has SMs, but gives each at least this many queries.
+_FUSED_MIN_QUERIES = 512
+
+
+def _target(device):
+    """The tile tables' key for a device: "sm90" (Hopper and newer) or "sm80" (Ampere, Ada)."""
+    return "sm90" if _device_limits(device)[0] >= 9 else "sm80"
+
+
+def _fused_backward_runs(q, block_d):
+    """Whether the fused backward has tiles for these inputs on q's device: 16-bit inputs only
+    (fp32 dots have no tensor cores, and the fused kernel's fp32 tiles spill), head dims above
+    16 (at 16 ptxas spills a few registers on sm_80) and the head-dim tiles in _FUSED_TILES."""
+    return (q.dtype != torch.float32 and block_d >= 32
+            and max(64, block_d) in _FUSED_TILES[_target(q.device)])
+
+
+def _fused_backward(dout, q, k, v, lse, delta, cu_q, cu_k, batch, lse_strides, sizes, tail,
+                    meta, softmax_scale):
+    """dq, dk, dv from _attn_bwd_fused_kernel, one program per key block and QUERY head.
+
+    dq is summed over key blocks with fp32 atomics into a zeroed (like q) buffer, then scaled
+    and cast. dk/dv: with one query head per key/value head and the query blocks not split, each
+    program owns its rows and stores them; otherwise (GQA, split) the programs that share rows
+    add fp32 partial sums with atomics into zeroed buffers of k's shape, cast afterwards. Atomics
+    rather than per-query-head buffers summed afterwards: the extra memory stays the size of k
+    and v whatever the group, and each row gets only group x splits adds, once per program.
+    Zeroed buffers keep varlen tokens outside the documents at zero gradients.
+    """
+    varlen = meta["IS_VARLEN"]  # cu_q is a placeholder tensor when dense
+    n_heads_q, n_heads_kv = q.shape[-2], k.shape[-2]
+    group = n_heads_q // n_heads_kv
+    max_seqlen_q, max_seqlen_k = sizes
+    # splits from the grid at 128-key blocks (the tile does not change the choice)
+    programs = triton.cdiv(max_seqlen_k, 128) * n_heads_q * batch
+    n_splits = max(1, min(triton.cdiv(_sm_count(q.device), programs),
+                          max_seqlen_q // _FUSED_MIN_QUERIES))
+    atomic_kv = group > 1 or n_splits > 1
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    if atomic_kv:
+        dk, dv = (torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (k, v))
+    else:
+        new = torch.zeros if varlen else torch.empty  # varlen: tokens outside docs get zeros
+        dk, dv = (new(x.shape, device=x.device, dtype=x.dtype) for x in (k, v))
+    _launch(_attn_bwd_fused,
+            lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), n_heads_q * n_splits, batch),
+            q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, *sizes, n_splits, group,
+            *tail, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(dout, varlen), *_strides(dq_acc, varlen), *_strides(dk, varlen),
+            *lse_strides, ATOMIC_KV=atomic_kv, **meta)
+    dq = dq_acc.mul_(softmax_scale).to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -939,6 +1156,21 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
                             f"host sync), got {n!r}")
 
 
+@torch.compiler.assume_constant_result  # traced once, as a constant: no graph break
+def _backward_path(device, deterministic):
+    """Which Triton backward the ops run: "split" when deterministic, else the env var
+    FASTTRAIN_ATTN_BACKWARD when set, else this device's entry of _BACKWARD_PATH."""
+    if deterministic:
+        return "split"
+    path = os.environ.get("FASTTRAIN_ATTN_BACKWARD", "")
+    if path:
+        if path not in _BACKWARD_PATHS:
+            raise ValueError(f"FASTTRAIN_ATTN_BACKWARD={path!r}: use one of {_BACKWARD_PATHS} "
+                             "or leave it unset")
+        return path
+    return _BACKWARD_PATH[_target(device)]
+
+
 def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
     """Validated (softmax_scale, window_left, window_right, softcap) for the kernels."""
     if dropout_p != 0.0:
@@ -962,8 +1194,8 @@ def _options(q, dropout_p, softmax_scale, causal, window_size, softcap):
 
 @torch.library.custom_op("fasttrain::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                    window_left: int, window_right: int, softcap: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    window_left: int, window_right: int, softcap: float,
+                    backward_path: str = "split") -> tuple[torch.Tensor, torch.Tensor]:
     args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
     if q.is_cuda or _interpret():
         return _triton_forward(q, k, v, *args)
@@ -973,11 +1205,11 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
 @torch.library.custom_op("fasttrain::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, softmax_scale: float, window_left: int,
-                    window_right: int, softcap: float
+                    window_right: int, softcap: float, backward_path: str = "split"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (None, None, q.shape[1], k.shape[1], softmax_scale, window_left, window_right, softcap)
     if q.is_cuda or _interpret():
-        return _triton_backward(dout, q, k, v, out, lse, *args)
+        return _triton_backward(dout, q, k, v, out, lse, *args, backward_path)
     return _reference_backward(dout, q, k, v, out, lse, *args)
 
 
@@ -985,8 +1217,8 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 def _flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           window_left: int, window_right: int, softcap: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           window_left: int, window_right: int, softcap: float,
+                           backward_path: str = "split") -> tuple[torch.Tensor, torch.Tensor]:
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
             window_right, softcap)
     if q.is_cuda or _interpret():
@@ -999,12 +1231,13 @@ def _flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           window_left: int, window_right: int, softcap: float
+                           window_left: int, window_right: int, softcap: float,
+                           backward_path: str = "split"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
             window_right, softcap)
     if q.is_cuda or _interpret():
-        return _triton_backward(dout, q, k, v, out, lse, *args)
+        return _triton_backward(dout, q, k, v, out, lse, *args, backward_path)
     return _reference_backward(dout, q, k, v, out, lse, *args)
 
 
@@ -1030,6 +1263,7 @@ def _(dout, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
+    # options end with the forward ops' backward_path, which only the backward op reads
     q, k, v, *options = inputs
     tensors = [x for x in options if isinstance(x, torch.Tensor)]  # cu_seqlens for varlen
     ctx.options = [x for x in options if not isinstance(x, torch.Tensor)]
@@ -1270,25 +1504,27 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), softcap=0.0, return_lse=False):
+                    window_size=(-1, -1), softcap=0.0, return_lse=False, deterministic=False):
     """Attention over q (B, Tq, Hq, D) and k/v (B, Tk, Hkv, D); returns out (B, Tq, Hq, D).
 
     causal is aligned to the bottom-right corner when Tq != Tk; window_size = (left, right)
     with -1 unbounded; softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
     return_lse=True also returns lse (B, Hq, Tq) in fp32 (natural log, no gradient).
+    deterministic=True makes the Triton backward bit-reproducible (the split kernels, no atomics).
     """
     _check_qkv(q, k, v, varlen=False)
     scale, left, right, softcap = _options(q, dropout_p, softmax_scale, causal, window_size,
                                            softcap)
     if q.is_cuda or _interpret() or return_lse:
-        out, lse = torch.ops.fasttrain.flash_attn_fwd(q, k, v, scale, left, right, softcap)
+        out, lse = torch.ops.fasttrain.flash_attn_fwd(q, k, v, scale, left, right, softcap,
+                                                      _backward_path(q.device, deterministic))
         return (out, lse) if return_lse else out
     return _attention_torch(q, k, v, scale, left, right, softcap)  # CPU training path
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, return_lse=False):
+                           softcap=0.0, return_lse=False, deterministic=False):
     """Attention over packed documents that never attend across each other.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D); document d owns tokens
@@ -1306,5 +1542,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return _varlen_causal_torch(q, k, v, cu_seqlens_q, max_seqlen_q, scale)
     out, lse = torch.ops.fasttrain.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-        softcap)
+        softcap, _backward_path(q.device, deterministic))
     return (out, lse) if return_lse else out

@@ -224,6 +224,137 @@ def test_forward_choices_follow_device_and_alignment(monkeypatch):
         kept(q, k, 9)
 
 
+# ---- the fused backward (5 dots per tile pair, atomics) and the choice of backward -----------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the autotuned kernels launched (and their grids at the interpreter's blocks)."""
+    import fasttrain.kernels.attention as attention
+
+    seen = []
+    real = attention._launch
+
+    def spy(tuned, grid, *args, **meta):
+        block_m, block_n = attention._INTERPRET_BLOCKS[tuned]
+        seen.append((tuned.fn.__name__, grid({"BLOCK_M": block_m, "BLOCK_N": block_n})))
+        return real(tuned, grid, *args, **meta)
+
+    monkeypatch.setattr(attention, "_launch", spy)
+    return seen
+
+
+def _backward_kernels(launches):
+    return {name for name, _ in launches if name != "_attn_fwd_kernel"}
+
+
+FUSED = {"_attn_bwd_fused_kernel"}
+SPLIT = {"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+
+# (B, Tq, Tk, Hq, Hkv, D, causal, window, softcap): GQA groups 1, 2, 3 and 4
+FUSED_DENSE = [
+    (2, 77, 77, 2, 2, 32, False, (-1, -1), 0.0),
+    (1, 200, 113, 4, 2, 32, True, (-1, -1), 0.0),  # Tq > Tk: first rows see no key
+    (1, 113, 150, 3, 1, 40, False, (20, 7), 2.0),  # window, softcap, head dim padded to 64
+    (1, 150, 150, 4, 1, 64, True, (31, -1), 0.0),  # sliding window: skipped query blocks
+]
+
+
+@pytest.mark.parametrize("case", FUSED_DENSE, ids=_id)
+def test_fused_backward(case, monkeypatch, launches):
+    """fp16 (fp32 inputs take the split kernels, see test_backward_path_choice)."""
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    test_flash_attn_func(case, torch.float16)
+    assert _backward_kernels(launches) == FUSED
+
+
+@pytest.mark.parametrize("case", [VARLEN[0], VARLEN[1], ([50, 70], [60, 45], 3, 1, 32, False,
+                                                         (10, 5), 4.0)], ids=_id)
+def test_fused_backward_varlen(case, monkeypatch, launches):
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    test_flash_attn_varlen_func(case, torch.float16)
+    assert _backward_kernels(launches) == FUSED
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(2, 2), (4, 2)])
+def test_fused_backward_split_query_blocks(Hq, Hkv, monkeypatch, launches):
+    """A small grid: each key block's query blocks are shared by three programs."""
+    import fasttrain.kernels.attention as attention
+
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    monkeypatch.setattr(attention, "_FUSED_MIN_QUERIES", 64)
+    test_flash_attn_func((1, 200, 200, Hq, Hkv, 32, True, (-1, -1), 0.0), torch.float16)
+    (grid,) = [grid for name, grid in launches if name in FUSED]
+    assert grid == (4, 3 * Hq, 1)  # 64-key blocks; query heads x 3 splits; batch
+
+
+def test_fused_backward_tokens_outside_documents(monkeypatch, launches):
+    """Tokens before cu_seqlens[0] and after cu_seqlens[-1] get zero gradients."""
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    lens = [40, 0, 70]
+    cu = _cu(lens) + 3
+    total = int(cu[-1]) + 5
+    q, k, v, dout = _inputs((total, 4, 32), (total, 2, 32), torch.float16)
+    got = _run(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 70, 70, causal=True,
+                                                      return_lse=True), q, k, v, dout)
+    inside = slice(3, total - 5)
+    ref, base = (_run(lambda q, k, v: varlen_attention_ref(q, k, v, cu - 3, cu - 3, causal=True,
+                                                           upcast=upcast),
+                      q[inside], k[inside], v[inside], dout[inside], dtype)
+                 for upcast, dtype in ((True, torch.float64), (False, torch.float16)))
+    for name, g, r, b in zip(("dq", "dk", "dv"), got[2:], ref[2:], base[2:]):
+        _assert_close(name, g[inside], r, b, torch.float16)
+        assert g[:3].abs().max() == 0 and g[-5:].abs().max() == 0
+    assert _backward_kernels(launches) == FUSED
+
+
+def _grads(q, k, v, dout, **opts):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    return torch.autograd.grad(flash_attn_func(q, k, v, causal=True, **opts), (q, k, v), dout)
+
+
+def test_backward_path_choice(monkeypatch, launches):
+    """deterministic=True runs the split kernels whatever the environment says; otherwise the
+    environment variable, read at each call, then the device table."""
+    import fasttrain.kernels.attention as attention
+
+    q, k, v, dout = _inputs((1, 40, 2, 32), (1, 40, 1, 32), torch.float16)
+    monkeypatch.delenv("FASTTRAIN_ATTN_BACKWARD", raising=False)
+    for table, expected in (("split", SPLIT), ("fused", FUSED)):
+        monkeypatch.setitem(attention._BACKWARD_PATH, "sm90", table)  # the interpreter: sm_90
+        launches.clear()
+        _grads(q, k, v, dout)
+        assert _backward_kernels(launches) == expected
+    for env, expected in (("split", SPLIT), ("fused", FUSED)):
+        monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", env)
+        launches.clear()
+        _grads(q, k, v, dout)
+        assert _backward_kernels(launches) == expected
+    launches.clear()
+    first = _grads(q, k, v, dout, deterministic=True)  # env still says fused
+    assert _backward_kernels(launches) == SPLIT
+    second = _grads(q, k, v, dout, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    launches.clear()
+    _grads(q.float(), k.float(), v.float(), dout.float())  # fp32: the split kernels
+    assert _backward_kernels(launches) == SPLIT
+    monkeypatch.delitem(attention._FUSED_TILES["sm90"], 64)  # no fused tile for head dim 32
+    launches.clear()
+    _grads(q, k, v, dout)
+    assert _backward_kernels(launches) == SPLIT
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fastest")
+    with pytest.raises(ValueError, match="FASTTRAIN_ATTN_BACKWARD='fastest'"):
+        flash_attn_func(q, k, v)
+
+
+def test_torch_compile_fullgraph_fused(monkeypatch, launches):
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    torch._dynamo.reset()  # the choice is made when dynamo traces: trace again
+    test_torch_compile_fullgraph(True, monkeypatch, torch.float16)
+    assert _backward_kernels(launches) == FUSED
+
+
 # ---- the CPU training path (TRITON_INTERPRET unset): SDPA / the grouped reference -----------
 
 
@@ -321,12 +452,12 @@ class _TwoAttentions(torch.nn.Module):
 
 
 @pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "cpu_path"])
-def test_torch_compile_fullgraph(interpret, monkeypatch):
+def test_torch_compile_fullgraph(interpret, monkeypatch, dtype=torch.float32):
     # aot_eager: traces through dynamo and AOT autograd (the custom ops must be opaque, with
     # fake implementations) without paying for inductor's C++ compile on CPU.
     if not interpret:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    q, k, v, dout = _inputs((1, 40, 2, 32), (1, 40, 1, 32), torch.float32)
+    q, k, v, dout = _inputs((1, 40, 2, 32), (1, 40, 1, 32), dtype)
     cu = _cu([15, 25])
     model = _TwoAttentions()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -451,3 +582,45 @@ def test_gpu_bf16_forward_choices(choice, varlen, D, monkeypatch):
                lambda q, k, v, upcast: varlen_attention_ref(q, k, v, cu, cu, upcast=upcast,
                                                             **opts),
                q, k, v, dout)
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D", [(2, 2048, 16, 16, 64), (2, 2048, 16, 4, 128),
+                                             (2, 2048, 2, 2, 128), (1, 1000, 8, 2, 256)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_bf16_fused_backward(B, T, H, Hkv, D, causal, monkeypatch):
+    """The fused backward at training shapes; (2, 2048, 2, 2) is the small grid whose query
+    blocks are split over programs, D256 the mma.sync tiles."""
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    q, k, v, dout = _inputs((B, T, H, D), (B, T, Hkv, D), torch.bfloat16, "cuda")
+    _gpu_check(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
+               lambda q, k, v, upcast: attention_ref(q, k, v, causal=causal, upcast=upcast),
+               q, k, v, dout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, softcap", [((256, -1), 0.0), ((-1, -1), 30.0)])
+def test_gpu_bf16_fused_backward_window_softcap_varlen(window, softcap, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 1500, (8,), generator=g).tolist()
+    cu = _cu(lens).cuda()
+    q, k, v, dout = _inputs((sum(lens), 16, 128), (sum(lens), 4, 128), torch.bfloat16, "cuda")
+    opts = dict(causal=True, window_size=window, softcap=softcap)
+    _gpu_check(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens),
+                                                      return_lse=True, **opts),
+               lambda q, k, v, upcast: varlen_attention_ref(q, k, v, cu, cu, upcast=upcast,
+                                                            **opts),
+               q, k, v, dout)
+
+
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward(monkeypatch):
+    """deterministic=True: bit-identical gradients from two calls, even with fused selected."""
+    monkeypatch.setenv("FASTTRAIN_ATTN_BACKWARD", "fused")
+    q, k, v, dout = _inputs((2, 2048, 8, 128), (2, 2048, 2, 128), torch.bfloat16, "cuda")
+    first = _grads(q, k, v, dout, deterministic=True)
+    second = _grads(q, k, v, dout, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

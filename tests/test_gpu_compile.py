@@ -57,7 +57,8 @@ def test_every_kernel_builds(tier):
 
 def test_tier_covers_every_kernel_on_both_targets(tier):
     expected = {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
-                "_attn_bwd_dq_kernel", "_rotary_kernel", "_cross_entropy_kernel"}
+                "_attn_bwd_dq_kernel", "_attn_bwd_fused_kernel", "_rotary_kernel",
+                "_cross_entropy_kernel"}
     for arch in ARCHS:
         mine = [r for r in tier if r["arch"] == arch]
         assert {r["kernel"] for r in mine} == expected
@@ -89,7 +90,18 @@ def test_forward_choices_on_both_targets(tier):
     assert any(r["tile"]["PACK_GQA"] for r in compiled)
     for r in compiled:
         assert bool(r["UTMALDG"]) == r["tile"]["USE_TMA"], (r["case"], r["config"])
-        assert r["tt_dot"] == (2 if r["tile"]["ONE_LOOP"] else 6), (r["case"], r["config"])
+        assert r["dots"] == (2 if r["tile"]["ONE_LOOP"] else 6), (r["case"], r["config"])
+
+
+def test_fused_backward_has_five_dots_per_tile_pair(tier):
+    """tt.dot ops in the compiled Triton IR: each kernel has one loop per range (masked edge,
+    full blocks, masked edge); the fused loop body has 5 dots, the split kernels' 4 (dk/dv) + 3
+    (dq) for the same (key block, query block) pair."""
+    for arch in ARCHS:
+        dots = {r["kernel"]: r["dots"] for r in tier if r["arch"] == arch and "regs" in r
+                and r["case"] == "D128 bfloat16 dense Hq8/Hkv8"}
+        assert dots["_attn_bwd_fused_kernel"] == 3 * 5
+        assert dots["_attn_bwd_dkdv_kernel"] + dots["_attn_bwd_dq_kernel"] == 3 * 7
 
 
 def test_shared_memory_estimate_bounds_the_compiled_size(tier):
