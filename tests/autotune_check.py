@@ -37,7 +37,7 @@ def launches(window_right):
         out, lse = attention._triton_forward(q, q, q, *options)
         attention._triton_backward(out, q, q, q, out, lse, *options)
     names = ["_attn_fwd", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq"]
-    found = gpu_compile._capture("attention", attention, names, [("case", True, thunk)], 90)
+    found = list(gpu_compile._capture("attention", attention, names, [("case", True, thunk)], 90))
     assert all(not x.error for x in found), [x.error for x in found]
     return [(x.kernel, x.args, x.kwargs) for x in found]
 

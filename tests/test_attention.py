@@ -237,7 +237,7 @@ def launches(monkeypatch):
 
     def spy(tuned, grid, *args, **meta):
         block_m, block_n = attention._INTERPRET_BLOCKS[tuned]
-        seen.append((tuned.fn.__name__, grid({"BLOCK_M": block_m, "BLOCK_N": block_n})))
+        seen.append((tuned.fn.__name__, grid({**meta, "BLOCK_M": block_m, "BLOCK_N": block_n})))
         return real(tuned, grid, *args, **meta)
 
     monkeypatch.setattr(attention, "_launch", spy)
@@ -584,6 +584,7 @@ def test_gpu_bf16_forward_choices(choice, varlen, D, monkeypatch):
                q, k, v, dout)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("B, T, H, Hkv, D", [(2, 2048, 16, 16, 64), (2, 2048, 16, 4, 128),
                                              (2, 2048, 2, 2, 128), (1, 1000, 8, 2, 256)])
 @pytest.mark.parametrize("causal", [False, True])
