@@ -68,24 +68,26 @@ def _math_attention(q, k, v, causal):
     return (s.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
 
 
-def _fused_backward(fn):
-    """fn run with FASTTRAIN_ATTN_BACKWARD=fused: the forward call picks the backward it saves."""
+def _with_env(name: str, value: str, fn):
+    """fn run with the environment variable name=value: the attention launchers read
+    FASTTRAIN_ATTN_FWD at every call, and the forward call FASTTRAIN_ATTN_BACKWARD to pick the
+    backward it saves."""
     def call():
-        saved = os.environ.get("FASTTRAIN_ATTN_BACKWARD")
-        os.environ["FASTTRAIN_ATTN_BACKWARD"] = "fused"
+        saved = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if saved is None:
-                del os.environ["FASTTRAIN_ATTN_BACKWARD"]
+                del os.environ[name]
             else:
-                os.environ["FASTTRAIN_ATTN_BACKWARD"] = saved
+                os.environ[name] = saved
     return call
 
 
 def _fasttrain_impls(attend):
     """fasttrain with the device's default backward, the fused one and the deterministic one."""
-    return {"fasttrain": attend, "fasttrain fused": _fused_backward(attend),
+    return {"fasttrain": attend, "fasttrain fused": _with_env("FASTTRAIN_ATTN_BACKWARD", "fused", attend),
             "fasttrain deterministic": lambda: attend(deterministic=True)}
 
 
@@ -103,26 +105,11 @@ def _dense_impls(q, k, v, causal, compiled):
     return impls, fa is not None
 
 
-def _forced(choice: str, fn):
-    """fn run with FASTTRAIN_ATTN_FWD=choice (the forward launcher reads it at every call)."""
-    def run():
-        saved = os.environ.get("FASTTRAIN_ATTN_FWD")
-        os.environ["FASTTRAIN_ATTN_FWD"] = choice
-        try:
-            return fn()
-        finally:
-            if saved is None:
-                del os.environ["FASTTRAIN_ATTN_FWD"]
-            else:
-                os.environ["FASTTRAIN_ATTN_FWD"] = saved
-    return run
-
-
 def _add_forward_choices(table, ctx, case, impls, leaves, gqa, flops):
     """Forward-only rows: fasttrain's autotuned forward against each choice forced."""
     choices = ("pointer", "tma", "tma+oneloop") + (("pack", "pack+tma") if gqa else ())
     timed = {"fasttrain": impls["fasttrain"]}
-    timed.update({f"fasttrain {c}": _forced(c, impls["fasttrain"]) for c in choices})
+    timed.update({f"fasttrain {c}": _with_env("FASTTRAIN_ATTN_FWD", c, impls["fasttrain"]) for c in choices})
     res = measure_passes(timed, leaves, ctx, passes=("forward",), reps=ctx.size(20, 8, 3))
     add_pass_rows(table, ctx, f"{case} fwd choices", res, {"forward": flops}, "TFLOP/s")
 
