@@ -1,6 +1,4 @@
 """The GPT, its loss normalisation, the LR schedule and the optimizers, on CPU (reference kernels)."""
-import math
-import os
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from fasttrain.data.batch import IGNORE_INDEX
 from fasttrain.kernels.attention import warmup_seqlens
 from fasttrain.train import TrainConfig, use_warmup, warm_up_kernels, warmup_batches
 from test_compile import _parse, _tiny_model
@@ -26,7 +27,7 @@ def test_warmup_batches_look_like_the_loaders():
     assert [b.max_seqlen for b in batches] == warmup_seqlens(seq_len)
     for b in batches:
         assert b.input_ids.shape == b.targets.shape == (rows, seq_len)
-        assert b.cu_seqlens.dtype == torch.int32 and (b.targets != -1).all()
+        assert b.cu_seqlens.dtype == torch.int32 and (b.targets != IGNORE_INDEX).all()  # every target scored
         cu = b.cu_seqlens.tolist()
         assert cu[0] == 0 and cu[-1] == rows * seq_len
         assert set(range(0, rows * seq_len, seq_len)) <= set(cu)  # row starts are document starts
