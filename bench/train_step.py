@@ -64,11 +64,14 @@ def _plain_attention(q, k, v, causal=True):
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
-def _plain_loss(hidden, weight, target, ignore_index, reduction, softcap):
+def _plain_loss(hidden, weight, target, ignore_index, reduction, softcap, token_weight=None):
     logits = (hidden @ weight.t()).float()  # (N, V): the whole batch's logits at once
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    if token_weight is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none") * token_weight
+    return loss.sum() if reduction == "sum" else loss.sum() / (target != ignore_index).sum()
 
 
 PLAIN = types.SimpleNamespace(apply_rotary_emb_qk=_plain_rope, flash_attn_func=_plain_attention,

@@ -114,6 +114,20 @@ def test_data_path_rows(tiny_report):
     _assert_finite(dict(zip(data["columns"], data["rows"][0])), ["MB/s", "tokens"])
 
 
+def test_train_step_rows(tiny_report):
+    """The end-to-end table: fasttrain and the plain PyTorch path both ran a step (a failed
+    variant is a 'failed: ...' cell, not a number), with a ratio against plain and peak memory."""
+    report, _ = tiny_report
+    entry = report["sections"]["train_step"]
+    assert entry["ok"], entry
+    table = next(t for t in entry["tables"] if t["title"].startswith("End to end: training step"))
+    steps = _rows(table, "variant")
+    assert set(steps) == {"fasttrain", "plain PyTorch"}  # --tiny leaves out the compiled variants
+    for row in steps.values():
+        _assert_finite(row, ["tokens/s", "step ms", "vs plain", "peak memory MB"])
+    assert steps["plain PyTorch"]["vs plain"] == 1.0
+
+
 def test_compile_report_rows(tiny_report):
     report, _ = tiny_report
     (table,) = report["sections"]["compile_report"]["tables"]
