@@ -3,7 +3,10 @@
     PYTHONPATH=. python bench/long_context.py [--quick] [--out runs/longctx]
 
 Trains a tokenizer and a small base model at L1 tokens per row, then mid-trains copies of that
-base checkpoint on the same data in one variant each:
+base checkpoint on the same data in one variant each. Base reads the embedded corpus plus
+--copy-docs generated documents of at most ~L1 tokens that can only be completed by copying
+(`fasttrain.longctx.copy_documents`): without them a model this small does not learn to copy
+within a CPU budget, and there is then no retrieval for mid to extend.
 
     mid-L1      rows of L1 tokens: the unextended control (same data, same steps)
     mid-plain   rows of L2 = 4 * L1, RoPE as in base (positions past L1 extrapolated)
@@ -19,7 +22,8 @@ test uses other filler, other words ("pass key") and plain text instead of a cha
 skill rather than the training prompts.
 
 Every model (base and each variant) is scored at L2: loss by position bucket (L1/2 wide) on rows
-cut from single held-out documents, and passkey accuracy by context length x needle depth.
+cut from single held-out documents, passkey accuracy by context length x needle depth, and the
+same retrieval in the trained wording ("secret number", the training filler) with new keys.
 Prints the table and writes <out>/long_context.json and <out>/long_context.png (with matplotlib).
 Every stage runs through the real CLI (`python -m fasttrain ...` in a subprocess), one run folder
 per variant.
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 
 from fasttrain import longctx
+from fasttrain.data.sources import default_corpus_files
 from fasttrain.data.tasks import default_mid_mixture
 from fasttrain.stages.common import load_tokenizer
 
@@ -48,10 +53,25 @@ SEED = 1337  # the CLI's default --seed: the mixture file holds the mixture mid 
 
 def cli(*args: str):
     cmd = [sys.executable, "-m", "fasttrain", *args]
-    print("$ python", " ".join(cmd[1:]), flush=True)
+    shown = cmd[1:] if len(cmd) < 40 else cmd[1:40] + [f"... ({len(cmd) - 40} more)"]  # base's corpus files
+    print("$ python", " ".join(shown), flush=True)
     # this checkout's fasttrain, whatever the caller's PYTHONPATH
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+def write_base_data(path: Path, tokenizer, l1: int, n_docs: int):
+    """Generated copy and retrieval documents of at most ~L1 tokens, as JSONL text."""
+    per_sentence = max(len(tokenizer.encode(" " + s + ".")) for s in longctx.TRAIN_FILLER)
+    max_sentences = max(1, (l1 - 30) // per_sentence)  # 30: the question, answer and key tokens
+    docs = longctx.copy_documents(n_docs, max_sentences, seed=SEED)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def corpus_files() -> list[str]:
+    """The embedded corpus's files (what base reads by default), less those without text, which
+    --data refuses when named one by one."""
+    return [str(p) for p in default_corpus_files() if p.read_bytes().strip()]
 
 
 def write_mid_data(path: Path, tokenizer, l2: int, mixture_size: int, n_retrieval: int):
@@ -69,14 +89,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a shorter version: fewer steps, rows and keys")
     parser.add_argument("--l1", type=int, default=128, help="base rows (tokens); mid's are 4x")
     parser.add_argument("--depth", type=int, default=3, help="model depth (width 64 x depth)")
-    parser.add_argument("--base-steps", type=int, default=0, help="0 = 160 (--quick: 80)")
+    parser.add_argument("--base-steps", type=int, default=0, help="0 = 1500 (--quick: 300)")
+    parser.add_argument("--copy-docs", type=int, default=80000,
+                        help="generated copy / retrieval documents in base's corpus (fasttrain.longctx.copy_documents)")
     parser.add_argument("--mid-steps", type=int, default=0, help="0 = 150 (--quick: 60)")
     parser.add_argument("--ntk", action="store_true", help="one more variant: --rope-scaling ntk --rope-factor 4")
     parser.add_argument("--text-fraction", type=float, default=0.5, help="mid's --text-fraction")
     args = parser.parse_args()
     out = Path(args.out)
     l1, l2 = args.l1, 4 * args.l1
-    base_steps = args.base_steps or (80 if args.quick else 160)
+    base_steps = args.base_steps or (300 if args.quick else 1500)
     mid_steps = args.mid_steps or (60 if args.quick else 150)
     trials = 6 if args.quick else 12
     base_batch, batch = 32 * l1, 16 * l1  # tokens per step; mid's are the same at L1 and L2
@@ -93,9 +115,13 @@ def main():
     if out.exists():
         shutil.rmtree(out)
     cli("tokenizer", "--run", str(root), "--max-mb", "8")
-    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1),
-        "--batch-tokens", str(base_batch), "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu")
     tokenizer = load_tokenizer(str(root))
+    base_data = out / "base_data.jsonl"
+    write_base_data(base_data, tokenizer, l1, n_docs=args.copy_docs)
+    # the generated documents first: the held-out split is the stream's tail, the corpus's own text
+    cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1),
+        "--batch-tokens", str(base_batch), "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu",
+        "--data", str(base_data), *corpus_files())
     mid_data = out / "mid_data.jsonl"
     write_mid_data(mid_data, tokenizer, l2, mixture_size=2000, n_retrieval=4000)
     t_base = time.perf_counter() - t0

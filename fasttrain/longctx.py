@@ -112,17 +112,26 @@ def loss_by_position(model, rows: torch.Tensor, edges: list[int]) -> list[float]
 # passkey retrieval
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int], int]:
+# A prompt's wording: (filler sentences, needle with {key}, question). PASSKEY is the test's;
+# SECRET (below) is the wording retrieval is trained in.
+PASSKEY = (tuple(FILLER.strip().rstrip(".").split(". ")), " The pass key is {key}. Remember it. {key} is the pass key.",
+           QUESTION)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str,
+                   wording: tuple = PASSKEY) -> tuple[list[int], list[int], int]:
     """A passkey prompt of exactly `length` tokens: BOS, filler, the needle "The pass key is
     <key>. Remember it. <key> is the pass key." placed after the filler sentence nearest to
-    relative depth `depth` (0 = start, 1 = just before the question), more filler, the question.
+    relative depth `depth` (0 = start, 1 = just before the question), more filler, the question
+    (or another `wording`).
 
     Returns (prompt ids, answer ids = the key's tokens as they follow "is", needle token offset).
     The pieces are encoded separately and joined as ids, so the filler can be cut at any token
     to hit the length exactly (its last sentence may be cut short)."""
-    sentences = [tokenizer.encode(" " + s.strip() + ".") for s in FILLER.strip().rstrip(".").split(". ")]
-    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-    question = tokenizer.encode(QUESTION)
+    filler_sentences, needle_text, question_text = wording
+    sentences = [tokenizer.encode(" " + s.strip() + ".") for s in filler_sentences]
+    needle = tokenizer.encode(needle_text.format(key=key))
+    question = tokenizer.encode(question_text)
     answer = tokenizer.encode(f" {key}")
     budget = length - 1 - len(needle) - len(question)
     if budget < 0:
@@ -149,6 +158,9 @@ TRAIN_FILLER = ("A cat sleeps on the warm mat", "Rain falls on the old hills", "
                 "Bread bakes in the stone oven", "A bell rings at noon", "The clock ticks on the wall")
 
 
+SECRET = (TRAIN_FILLER, " The secret number is {key}.", " What is the secret number? The secret number is")
+
+
 def retrieval_conversations(n: int, max_sentences: int, seed: int = 0) -> list[list[dict]]:
     """n chats: the user message is 1..max_sentences random filler sentences with "The secret
     number is <5 digits>." at a uniformly random sentence boundary, then "What is the secret
@@ -163,6 +175,28 @@ def retrieval_conversations(n: int, max_sentences: int, seed: int = 0) -> list[l
         sentences.insert(rng.randint(0, len(sentences)), f"The secret number is {key}.")
         out.append([{"role": "user", "content": " ".join(sentences) + " What is the secret number?"},
                     {"role": "assistant", "content": f"The secret number is {key}."}])
+    return out
+
+
+def copy_documents(n: int, max_sentences: int, seed: int = 0) -> list[str]:
+    """n plain-text documents for base pretraining whose later tokens can only be predicted by
+    copying from earlier in the same document, the skill retrieval needs (induction):
+
+    - a quarter are the retrieval chats above as plain text ("... The secret number is 12345. ...
+      What is the secret number? The secret number is 12345."), 1..max_sentences filler sentences;
+    - the rest list 2..10 "word number" pairs (random 5-digit numbers), then repeat the list:
+      "Copy: mat 12345, hills 67890. Again: mat 12345, hills 67890."
+
+    A small model trained on code alone did not learn to copy within a CPU budget (a few million
+    tokens): the digits of a key it had just seen stayed at a uniform guess. With these mixed into
+    the corpus it does, so mid has a retrieval skill to extend."""
+    rng = random.Random(seed)
+    out = [chat[0]["content"] + " " + chat[1]["content"]
+           for chat in retrieval_conversations(n // 4, max_sentences, seed=seed)]
+    for _ in range(n - n // 4):
+        pairs = [f"{rng.choice(TRAIN_FILLER).split()[-1]} {rng.randint(10000, 99999)}" for _ in range(rng.randint(2, 10))]
+        out.append("Copy: " + ", ".join(pairs) + ". Again: " + ", ".join(pairs) + ".")
+    rng.shuffle(out)
     return out
 
 
@@ -187,7 +221,7 @@ def passkey_correct(model, prompt: list[int], answer: list[int]) -> bool:
 
 
 def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], trials: int,
-                     seed: int = 0) -> dict[int, dict[float, float]]:
+                     seed: int = 0, wording: tuple = PASSKEY) -> dict[int, dict[float, float]]:
     """Accuracy[length][depth] over `trials` random 5-digit keys per cell (the same keys for
     every model with the same seed). Prompts are `length` tokens minus the key's tokens, so the
     whole sequence fits in `length`."""
@@ -200,7 +234,7 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
             for _ in range(trials):
                 key = str(rng.randint(10000, 99999))
                 answer = tokenizer.encode(f" {key}")
-                prompt, answer, _ = passkey_prompt(tokenizer, length - len(answer) + 1, depth, key)
+                prompt, answer, _ = passkey_prompt(tokenizer, length - len(answer) + 1, depth, key, wording)
                 hits += passkey_correct(model, prompt, answer)
             out[length][depth] = hits / trials
     return out
@@ -226,12 +260,14 @@ def held_out_rows(run: str, seq_len: int, n_rows: int) -> torch.Tensor:
 def evaluate(run: str, stage: str, tokenizer, rows: torch.Tensor, edges: list[int], lengths: list[int],
              depths: list[float], trials: int, device: torch.device = torch.device("cpu")) -> dict:
     """Both measurements of a stage's newest weights, loaded for max(edges[-1], lengths)
-    positions: {"rope": ..., "edges": edges, "loss_by_position": [...], "passkey": {length: {depth: acc}}}."""
+    positions: {"rope": ..., "edges": edges, "loss_by_position": [...], "passkey": {length: {depth: acc}},
+    "retrieval": the same in the wording retrieval is trained in (SECRET), with new keys}."""
     model = load_model_for_length(run, stage, max(edges[-1], *lengths), device)
     cfg = model.config
     return {"rope": {"base": cfg.rope_base, "scaling": cfg.rope_scaling, "factor": cfg.rope_factor}, "edges": edges,
             "loss_by_position": loss_by_position(model, rows, edges),
-            "passkey": passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0)}
+            "passkey": passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0),
+            "retrieval": passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=1, wording=SECRET)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,19 +294,21 @@ def format_table(results: dict[str, dict], edges: list[int], trained_len: int = 
                 past = sum(beyond) / len(beyond)
                 line += f"{within:>9.3f}{past:>9.3f}{past - within:>+10.3f}"
         lines.append(line)
-    first = results[names[0]].get("passkey")
-    if first:
-        lengths = list(first)
-        lines += ["", "passkey accuracy by context length (mean over depths)",
-                  f"{'model':<14}" + "".join(f"{n:>10}" for n in lengths)]
-        for name in names:
-            pk = results[name]["passkey"]
-            lines.append(f"{name:<14}" + "".join(f"{sum(pk[n].values()) / len(pk[n]):>10.2f}" for n in lengths))
+    for key, title in (("passkey", "passkey accuracy by context length (mean over depths)"),
+                       ("retrieval", "retrieval in the trained wording, new keys (mean over depths)")):
+        first = results[names[0]].get(key)
+        if first:
+            lengths = list(first)
+            lines += ["", title, f"{'model':<14}" + "".join(f"{n:>10}" for n in lengths)]
+            for name in names:
+                pk = results[name][key]
+                lines.append(f"{name:<14}" + "".join(f"{sum(pk[n].values()) / len(pk[n]):>10.2f}" for n in lengths))
     return "\n".join(lines)
 
 
 def draw_heatmaps(results: dict[str, dict], path: Path) -> str:
-    """Passkey accuracy (depth x length) per model, one panel each, to a PNG; returns a note."""
+    """Passkey accuracy (depth x length) per model, one panel each, to a PNG, with a second row
+    of panels for the retrieval in the trained wording when the results have it; returns a note."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -278,18 +316,20 @@ def draw_heatmaps(results: dict[str, dict], path: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: no heat-map drawn"
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        pk = results[name]["passkey"]
-        lengths = list(pk)
-        depths = list(pk[lengths[0]])
-        grid = [[pk[n][d] for n in lengths] for d in depths]  # (depths, lengths)
-        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("context length")
-    axes[0][0].set_ylabel("needle depth")
+    kinds = [k for k in ("passkey", "retrieval") if k in results[names[0]]]
+    fig, axes = plt.subplots(len(kinds), len(names), figsize=(3.2 * len(names), 3 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        for ax, name in zip(row, names):
+            pk = results[name][kind]
+            lengths = list(pk)
+            depths = list(pk[lengths[0]])
+            grid = [[pk[n][d] for n in lengths] for d in depths]  # (depths, lengths)
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
+            ax.set_title(f"{name}: {kind}", fontsize=9)
+            ax.set_xlabel("context length")
+        row[0].set_ylabel("needle depth")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

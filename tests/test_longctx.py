@@ -90,6 +90,40 @@ def test_retrieval_conversations_differ_from_the_passkey_prompts():
     assert min(lengths) >= 1 and max(lengths) <= 20 and len(lengths) > 5  # lengths vary
 
 
+def test_copy_documents_repeat_what_they_state():
+    docs = longctx.copy_documents(400, max_sentences=6, seed=5)
+    assert len(docs) == 400 and docs == longctx.copy_documents(400, max_sentences=6, seed=5)
+    copies = [d for d in docs if d.startswith("Copy: ")]
+    retrievals = [d for d in docs if not d.startswith("Copy: ")]
+    assert len(retrievals) == 100
+    for doc in copies:  # "Copy: <list>. Again: <the same list>."
+        first, again = doc.removeprefix("Copy: ").removesuffix(".").split(". Again: ")
+        assert first == again
+        pairs = first.split(", ")
+        assert 2 <= len(pairs) <= 10
+        for pair in pairs:
+            word, number = pair.split(" ")
+            assert word.isalpha() and len(number) == 5 and number.isdigit()
+    for doc in retrievals:  # the retrieval chats as one text: the key stated, asked for, repeated
+        key = doc[-6:-1]
+        assert key.isdigit() and doc.count(f"The secret number is {key}.") == 2
+        assert " What is the secret number? The secret number is " in doc and "pass key" not in doc
+    assert len({d for d in copies}) == len(copies)  # random keys: no two alike
+
+
+@pytest.mark.parametrize("length", [80, 131])
+def test_prompt_in_the_trained_wording(tokenizer, length):
+    """wording=SECRET builds the same kind of prompt from the training filler and words."""
+    ids, answer, at = longctx.passkey_prompt(tokenizer, length, 0.5, "48213", wording=longctx.SECRET)
+    assert len(ids) == length and ids[0] == tokenizer.bos_id
+    needle = tokenizer.encode(" The secret number is 48213.")
+    assert ids[at:at + len(needle)] == needle
+    question = tokenizer.encode(" What is the secret number? The secret number is")
+    assert ids[-len(question):] == question and answer == tokenizer.encode(" 48213")
+    filler = tokenizer.decode(ids[1:at] + ids[at + len(needle):-len(question)])
+    assert "grass" not in filler and filler.startswith(" A cat sleeps")  # TRAIN_FILLER's sentences, not the test's
+
+
 class Uniform(nn.Module):
     """Logits all equal: every target costs ln V."""
     def __init__(self, vocab_size):
