@@ -7,6 +7,7 @@ Two measurements, both without generation:
   flat) with position; one that breaks past its trained length has a loss that rises there.
 - `passkey_accuracy`: a random 5-digit key hidden at a chosen relative depth in repeated filler
   text, followed by "What is the pass key? The pass key is"; accuracy over context length x depth.
+  With wording=SECRET the same test in the words retrieval is trained in (new keys).
 
 Both run on a plain (unsharded) model, one row per forward, so memory is one (T, V) logits
 tensor at a time.
