@@ -60,26 +60,30 @@ def cli(*args: str):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
+def max_sentences(tokenizer, length: int, reserved: int) -> int:
+    """How many training filler sentences fit in `length` tokens beside `reserved` others."""
+    per_sentence = max(len(tokenizer.encode(" " + s + ".")) for s in longctx.TRAIN_FILLER)
+    return max(1, (length - reserved) // per_sentence)
+
+
 def write_base_data(path: Path, tokenizer, l1: int, n_docs: int):
     """Generated copy and retrieval documents of at most ~L1 tokens, as JSONL text."""
-    per_sentence = max(len(tokenizer.encode(" " + s + ".")) for s in longctx.TRAIN_FILLER)
-    max_sentences = max(1, (l1 - 30) // per_sentence)  # 30: the question, answer and key tokens
-    docs = longctx.copy_documents(n_docs, max_sentences, seed=SEED)
+    # 30: the question, answer and key tokens
+    docs = longctx.copy_documents(n_docs, max_sentences(tokenizer, l1, 30), seed=SEED)
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
 
-def corpus_files() -> list[str]:
-    """The embedded corpus's files (what base reads by default), less those without text, which
-    --data refuses when named one by one."""
-    return [str(p) for p in default_corpus_files() if p.read_bytes().strip()]
+def embedded_corpus_files() -> list[str]:
+    """The embedded corpus's files (what base reads by default), less the empty ones (empty
+    __init__.py files), which --data refuses when named one by one."""
+    return [str(p) for p in default_corpus_files() if p.stat().st_size >= 4096 or p.read_bytes().strip()]
 
 
 def write_mid_data(path: Path, tokenizer, l2: int, mixture_size: int, n_retrieval: int):
     """The default mid mixture plus retrieval chats whose user message fills up to ~L2 tokens."""
-    per_sentence = max(len(tokenizer.encode(" " + s + ".")) for s in longctx.TRAIN_FILLER)
-    max_sentences = max(1, (l2 - 40) // per_sentence)  # 40: the question, answer and chat tokens
+    # 40: the question, answer and chat tokens
     chats = (default_mid_mixture(seed=SEED, size=mixture_size).conversations()
-             + longctx.retrieval_conversations(n_retrieval, max_sentences, seed=SEED))
+             + longctx.retrieval_conversations(n_retrieval, max_sentences(tokenizer, l2, 40), seed=SEED))
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
 
 
@@ -121,7 +125,7 @@ def main():
     # the generated documents first: the held-out split is the stream's tail, the corpus's own text
     cli("base", "--run", str(root), "--depth", str(args.depth), "--seq-len", str(l1),
         "--batch-tokens", str(base_batch), "--max-steps", str(base_steps), "--log-every", "50", "--device", "cpu",
-        "--data", str(base_data), *corpus_files())
+        "--data", str(base_data), *embedded_corpus_files())
     mid_data = out / "mid_data.jsonl"
     write_mid_data(mid_data, tokenizer, l2, mixture_size=2000, n_retrieval=4000)
     t_base = time.perf_counter() - t0

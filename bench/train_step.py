@@ -65,13 +65,15 @@ def _plain_attention(q, k, v, causal=True):
 
 
 def _plain_loss(hidden, weight, target, ignore_index, reduction, softcap, token_weight=None):
+    if token_weight is not None:  # RL's weighted loss: the kernels' own unfused reference
+        from fasttrain.kernels import linear_cross_entropy_ref
+
+        return linear_cross_entropy_ref(hidden, weight, target, ignore_index, reduction, softcap,
+                                        token_weight=token_weight)
     logits = (hidden @ weight.t()).float()  # (N, V): the whole batch's logits at once
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    if token_weight is None:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none") * token_weight
-    return loss.sum() if reduction == "sum" else loss.sum() / (target != ignore_index).sum()
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
 PLAIN = types.SimpleNamespace(apply_rotary_emb_qk=_plain_rope, flash_attn_func=_plain_attention,
